@@ -1,0 +1,191 @@
+"""``run(config, workdir)``: data -> model -> method -> per-task loop -> checkpoints -> report.
+
+This is the only module below `launch.py` that reads a config object; everything it calls takes
+plain arguments. Each method in ``config.methods`` runs on the same stream in
+``workdir/<method>/``, with an Orbax stage checkpoint after every task, so that re-running with the
+same workdir resumes after the last completed task and ends with the same accuracy matrix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Mapping
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from cljax import checkpoint
+from cljax import methods as methods_lib
+from cljax import metrics
+from cljax import models
+from cljax import report
+from cljax import training
+from cljax.data import sources
+from cljax.data import streams
+
+CONFIG_FILE = 'config.json'
+
+
+def _config_dict(config: ml_collections.ConfigDict) -> dict:
+  """The config as plain JSON types (tuples become lists), for saving and comparing."""
+  return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = '') -> list[str]:
+  if isinstance(a, dict) and isinstance(b, dict):
+    keys = sorted(set(a) | set(b))
+    return [d for k in keys for d in _diff_keys(a.get(k), b.get(k), f'{prefix}{k}.')]
+  return [] if a == b else [prefix.rstrip('.')]
+
+
+def _claim_workdir(workdir: str, config: dict) -> None:
+  """Creates ``workdir`` or checks that it holds a run of this same config.
+
+  Raises:
+    ValueError: the workdir holds a run of a different config (names the differing keys).
+  """
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, CONFIG_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      stored = json.load(f)
+    diff = _diff_keys(stored, config)
+    if diff:
+      raise ValueError(f'workdir {workdir!r} holds a run of a different config (keys differing: '
+                       f'{", ".join(diff)}); nothing was overwritten. Use another --workdir, or '
+                       'delete that one to start over.')
+  else:
+    report.write_json(path, config)
+
+
+def build_stream(config: ml_collections.ConfigDict) -> streams.Stream:
+  """The task sequence named by the config's data keys."""
+  dataset = sources.load(config.dataset, data_dir=config.data_dir or None)
+  if config.max_train or config.max_test:
+    dataset = sources.subsample(dataset, max_train=config.max_train or None,
+                                max_test=config.max_test or None, seed=config.seed)
+  return streams.make_stream(config.stream, dataset, num_tasks=config.num_tasks, seed=config.seed,
+                             scenario=config.scenario or None, **dict(config.stream_kwargs))
+
+
+class _Loop:
+  """The per-task loop of one method: fresh start or resume from the last stage checkpoint."""
+
+  def __init__(self, config, stream, method_name, workdir, mesh):
+    self.config, self.stream, self.name, self.workdir, self.mesh = (
+        config, stream, method_name, workdir, mesh)
+    self.method = methods_lib.get(method_name, config.get(method_name))
+    module = models.make_model(config.model, num_outputs=stream.num_outputs,
+                               **dict(config.model_kwargs))
+    self.apply_fn = models.linen_apply_fn(module)
+    self.optimizer = training.make_optimizer(config.optimizer, learning_rate=config.learning_rate,
+                                             momentum=config.momentum)
+    self.params0 = models.init_params(module, jax.random.key(config.seed), stream.input_shape)
+    self.eval_fn = training.make_eval_fn(self.apply_fn, mesh)
+
+  def _initial_state(self) -> dict:
+    method_state = self.method.init(self.params0)
+    tx = optax.chain(self.method.gradient_transform(method_state), self.optimizer)
+    return dict(params=self.params0, opt_state=tx.init(self.params0), method_state=method_state,
+                rng=jax.random.key_data(jax.random.key(self.config.seed + 1)))
+
+  def _evaluate(self, params) -> np.ndarray:
+    return training.evaluate_tasks(self.eval_fn, params, [t.test for t in self.stream.tasks],
+                                   batch_size=self.config.eval_batch_size, mesh=self.mesh)
+
+  def _train_data(self, t: int):
+    if self.method.training_data is None:
+      return self.stream.tasks[t].train
+    return self.method.training_data([task.train for task in self.stream.tasks[: t + 1]])
+
+  def run(self) -> dict:
+    num_tasks = len(self.stream.tasks)
+    state = self._initial_state()
+    with checkpoint.StageCheckpointer(os.path.join(self.workdir, 'checkpoints')) as ckpt:
+      start = ckpt.latest_step() or 0
+      if start:
+        stage = ckpt.restore(start, state)
+        state, meta = stage.state, stage.meta
+        logging.info('%s: resuming after task %d of %d', self.name, start, num_tasks)
+      else:
+        meta = dict(accuracy_rows=[], random_init_accuracy=self._evaluate(self.params0).tolist(),
+                    wall_time_s=0.0, config=_config_dict(self.config))
+      total = sum(self.config.epochs * (self._train_data(t).size // self.config.batch_size)
+                  for t in range(start, num_tasks))
+      with tqdm.tqdm(total=total, desc=self.name, unit='step', leave=False) as bar:
+        for t in range(start, num_tasks):
+          started = time.time()
+          bar.set_postfix_str(f'task {t + 1}/{num_tasks}')
+          state = self._task(t, state, bar)
+          meta['accuracy_rows'].append(self._evaluate(state['params']).tolist())
+          meta['wall_time_s'] += time.time() - started
+          ckpt.save(t + 1, state, meta)
+    return self._results(meta)
+
+  def _task(self, t: int, state: dict, bar) -> dict:
+    rng, task_rng = jax.random.split(jax.random.wrap_key_data(state['rng']))
+    seed = int(jax.random.randint(task_rng, (), 0, np.iinfo(np.int32).max))
+    result = training.fit_task(
+        self.apply_fn, self.method, self.optimizer, state['params'], state['method_state'],
+        self._train_data(t), epochs=self.config.epochs, batch_size=self.config.batch_size,
+        seed=seed, mesh=self.mesh, task_index=t, progress=bar.update)
+    method_state = self.method.end_task(result.params, result.method_state,
+                                        self.stream.tasks[t].train, self.apply_fn)
+    return dict(params=result.params, opt_state=result.opt_state, method_state=method_state,
+                rng=jax.random.key_data(rng))
+
+  def _results(self, meta: dict) -> dict:
+    r = np.asarray(meta['accuracy_rows'])
+    b = np.asarray(meta['random_init_accuracy'])
+    summary = metrics.summarize(r, b)
+    results = dict(method=self.name, accuracy_matrix=r.tolist(), random_init_accuracy=b.tolist(),
+                   config=meta['config'], wall_time_s=meta['wall_time_s'], **summary._asdict())
+    report.write_json(os.path.join(self.workdir, 'results.json'), results)
+    report.plot_accuracy_matrix(os.path.join(self.workdir, 'accuracy_matrix.png'), r,
+                                title=f'{self.name}: ACC {100 * summary.acc:.1f}%, '
+                                      f'BWT {100 * summary.bwt:.1f}')
+    return results
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
+  """Runs every method of ``config.methods`` on the config's stream; writes and returns results.
+
+  Args:
+    config: an experiment config (see experiments/configs/default.py for the keys).
+    workdir: output directory; holds ``config.json``, ``<method>/`` (checkpoints, results.json,
+      accuracy_matrix.png), and ``summary.md`` / ``summary.csv``.
+
+  Returns:
+    ``{method: results}``, each as written to ``workdir/<method>/results.json``.
+
+  Raises:
+    ValueError: an unknown method, model, dataset, stream or hyperparameter; a num_tasks the
+      stream cannot supply; or a workdir holding a run of another config. Raised before anything
+      in the workdir is written or changed.
+    FileNotFoundError: a dataset file is missing (the message says how to install it).
+    FloatingPointError: the loss became NaN (the last good stage checkpoint is kept).
+  """
+  if not config.methods:
+    raise ValueError('config.methods is empty: name at least one method')
+  for name in config.methods:  # Fail on a bad method before any data loading or writing.
+    methods_lib.get(name, config.get(name))
+  mesh = training.make_mesh(config.num_devices or None)
+  training.check_batch_size(config.batch_size, mesh)
+  training.check_batch_size(config.eval_batch_size, mesh)
+  stream = build_stream(config)
+  _claim_workdir(workdir, _config_dict(config))
+  results = {}
+  for name in config.methods:
+    method_dir = os.path.join(workdir, name)
+    os.makedirs(method_dir, exist_ok=True)
+    results[name] = _Loop(config, stream, name, method_dir, mesh).run()
+    logging.info('%s: ACC %.2f%%  BWT %.2f  forgetting %.2f', name, 100 * results[name]['acc'],
+                 100 * results[name]['bwt'], 100 * results[name]['forgetting'])
+  report.write_summary(workdir, results, title=f'{config.name}: {stream.name}')
+  return results

@@ -1,0 +1,145 @@
+"""The Method contract for continual training, and the loss pieces every method shares.
+
+A continual-training method is a `Method`: a NamedTuple of pure functions, in the spirit of
+`optax.GradientTransformation`. The training loop (`cljax.training`) only ever calls these
+functions, so a method never touches the loop and the loop never special-cases a method:
+
+  * ``init(params) -> state``: the method's state before the first task.
+  * ``loss(params, state, batch, apply_fn) -> scalar``: the method's extra loss term, added to the
+    cross-entropy of the current batch (0 for finetune).
+  * ``gradient_transform(state) -> optax.GradientTransformation``: chained *before* the optimizer,
+    e.g. projection of gradients away from a protected subspace; `optax.identity()` for most
+    methods. Arrays it needs (bases, masks) belong in the transform's own state, created by its
+    ``init``, not in a Python closure, so that they are traced arguments of the jitted step rather
+    than constants baked into the compiled program.
+  * ``end_task(params, state, task_data, apply_fn) -> state``: consolidation after a task
+    (Fisher, anchors, bases, buffers). Runs eagerly on the host; it may call jitted helpers.
+  * ``training_data(seen) -> Batch`` (optional): the data trained on during the current task,
+    given every task's training data seen so far, oldest first. ``None`` means the current task
+    alone; `joint` returns all of them.
+  * ``after_step(state, old_params, new_params, task_grads) -> state`` (optional): a per-step
+    state update inside the jitted loop, e.g. SI's path integral. ``task_grads`` are the
+    gradients of the cross-entropy alone (without the method's term). ``None`` (the default)
+    keeps the state constant during a task, and the step then differentiates one combined loss.
+
+State is a pytree (a NamedTuple of arrays) whose structure, shapes and dtypes are fixed by
+``init(params)``: they must not change from task to task (memory does not grow with the number of
+tasks, the jitted step never retraces for a new state shape, and a stage checkpoint restores into
+``init(params)``'s structure).
+
+The model is the pair ``(apply_fn, params)`` with ``apply_fn(params, x, *, train=False,
+rngs=None) -> logits``; see `cljax.models`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+Params = Any
+State = Any
+ApplyFn = Callable[..., jax.Array]
+
+
+class Batch(NamedTuple):
+  """A batch of examples, or a whole task's data when its arrays are host numpy arrays.
+
+  Attributes:
+    x: inputs, (B, H, W, C) float32 (images in [0, 1]).
+    y: labels, (B,) int32, indices into the model's outputs in [0, num_outputs).
+    mask: (B, num_outputs) bool, the outputs each example may use. Task-incremental streams
+      give each task its own head (a disjoint block of outputs); masking the other outputs is
+      exactly training/evaluating that head alone. All True for class- and domain-incremental
+      streams.
+  """
+
+  x: Any
+  y: Any
+  mask: Any
+
+  @property
+  def size(self) -> int:
+    return int(self.y.shape[0])
+
+
+class Method(NamedTuple):
+  """A continual-training method as pure functions; see the module docstring for the contract."""
+
+  init: Callable[[Params], State]
+  loss: Callable[[Params, State, Batch, ApplyFn], jax.Array]
+  gradient_transform: Callable[[State], optax.GradientTransformation]
+  end_task: Callable[[Params, State, Batch, ApplyFn], State]
+  training_data: Optional[Callable[[Sequence[Batch]], Batch]] = None
+  after_step: Optional[Callable[[State, Params, Params, Params], State]] = None
+
+
+class EmptyState(NamedTuple):
+  """State of a method that keeps nothing between tasks."""
+
+
+def no_loss(params: Params, state: State, batch: Batch, apply_fn: ApplyFn) -> jax.Array:
+  """The zero extra loss term."""
+  del params, state, batch, apply_fn
+  return jnp.zeros((), jnp.float32)
+
+
+def identity_transform(state: State) -> optax.GradientTransformation:
+  """Gradients pass through unchanged."""
+  del state
+  return optax.identity()
+
+
+def keep_state(params: Params, state: State, task_data: Batch, apply_fn: ApplyFn) -> State:
+  """`end_task` for a method that consolidates nothing."""
+  del params, task_data, apply_fn
+  return state
+
+
+def masked_logits(logits: jax.Array, mask: jax.Array) -> jax.Array:
+  """Sets the logits of outputs outside ``mask`` to a very negative finite value.
+
+  A finite value rather than ``-inf`` keeps ``p * log p`` at exactly 0 (not NaN) for masked
+  classes, which the exact Fisher in EWC sums over.
+
+  Args:
+    logits: (B, K) float.
+    mask: (B, K) bool, or None for no masking.
+
+  Returns:
+    (B, K) logits of the same dtype.
+  """
+  if mask is None:
+    return logits
+  return jnp.where(mask, logits, jnp.asarray(-1e9, logits.dtype))
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+  """Mean softmax cross-entropy over the batch, restricted to the outputs in ``mask``.
+
+  Args:
+    logits: (B, K) float.
+    labels: (B,) int in [0, K); each label must be inside its example's mask.
+    mask: (B, K) bool or None.
+
+  Returns:
+    Scalar float32, in nats.
+  """
+  logits = masked_logits(logits, mask).astype(jnp.float32)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def accuracy_count(logits: jax.Array, labels: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+  """Number of examples whose arg-max over the allowed outputs equals the label; int32 scalar."""
+  predictions = jnp.argmax(masked_logits(logits, mask), axis=-1)
+  return jnp.sum(predictions == labels, dtype=jnp.int32)
+
+
+def concatenate(batches: Sequence[Batch]) -> Batch:
+  """Concatenates host batches (e.g. several tasks' data) along the example axis."""
+  if not batches:
+    raise ValueError('concatenate needs at least one batch')
+  return Batch(*(np.concatenate(parts, axis=0) for parts in zip(*batches)))

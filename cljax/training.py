@@ -1,0 +1,254 @@
+"""Jitted training and evaluation over a device mesh, and the per-task continual loop.
+
+One epoch is one jitted call: the host shuffles the task's data, lays it out as (steps, batch, ...)
+and places it on the mesh with the batch axis sharded over ``data``
+(`jax.make_array_from_process_local_data`); a `jax.lax.scan` then runs every step on device with
+the parameters, optimizer state and method state replicated and their buffers donated. Per-step
+losses come back once per epoch, so NaN detection costs no extra host round trip per step.
+
+The loss of a step is ``cross_entropy(masked logits, y) + method.loss(...)`` and the update is
+``optax.chain(method.gradient_transform(method_state), optimizer)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from cljax.methods import base
+
+Params = Any
+ApplyFn = base.ApplyFn
+
+
+class TaskResult(NamedTuple):
+  """What `fit_task` returns: the trained parameters and state, and per-step losses (S,)."""
+
+  params: Params
+  opt_state: Any
+  method_state: Any
+  losses: np.ndarray
+
+
+def make_mesh(num_devices: Optional[int] = None) -> Mesh:
+  """A 1-D mesh with axis ``data`` over the first ``num_devices`` devices (all by default).
+
+  Raises:
+    ValueError: if more devices are asked for than exist.
+  """
+  devices = jax.devices()
+  n = len(devices) if num_devices is None else num_devices
+  if not 1 <= n <= len(devices):
+    raise ValueError(f'num_devices={num_devices} but {len(devices)} device(s) are available')
+  return Mesh(np.asarray(devices[:n]), ('data',))
+
+
+def make_optimizer(name: str, *, learning_rate: float, momentum: float = 0.0) -> optax.GradientTransformation:
+  """The optax optimizer named in the config (``sgd`` with optional momentum, or ``adam``).
+
+  Raises:
+    ValueError: unknown name or a non-positive learning rate.
+  """
+  if not learning_rate > 0:
+    raise ValueError(f'learning_rate must be > 0, got {learning_rate}')
+  if name == 'sgd':
+    return optax.sgd(learning_rate, momentum=momentum or None)
+  if name == 'adam':
+    return optax.adam(learning_rate)
+  raise ValueError(f"unknown optimizer {name!r}; choose 'sgd' or 'adam' (config key `optimizer`)")
+
+
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+  """Raises ValueError unless the global batch splits evenly over the ``data`` axis."""
+  n = mesh.shape['data']
+  if batch_size < 1 or batch_size % n:
+    raise ValueError(f'batch_size={batch_size} must be a positive multiple of the {n} device(s) '
+                     'on the data axis')
+
+
+def _shard_leading(mesh: Mesh, array: np.ndarray, axis: int) -> jax.Array:
+  """Places a host array on the mesh, split along ``axis`` over ``data``, from this process's rows."""
+  spec = [None] * array.ndim
+  spec[axis] = 'data'
+  sharding = NamedSharding(mesh, P(*spec))
+  return jax.make_array_from_process_local_data(sharding, array)
+
+
+def _task_loss_fn(apply_fn: ApplyFn):
+  def task_loss(params, batch: base.Batch):
+    return base.cross_entropy(apply_fn(params, batch.x, train=True), batch.y, batch.mask)
+  return task_loss
+
+
+def _step_grads(apply_fn: ApplyFn, method: base.Method):
+  """``(params, method_state, batch) -> (loss, grads, task_grads)``.
+
+  With no ``after_step`` hook one combined loss is differentiated (one backward pass) and
+  ``task_grads`` is None. With the hook, the cross-entropy and the method's term are
+  differentiated separately, because the hook needs the task gradients alone.
+  """
+  task_loss = _task_loss_fn(apply_fn)
+
+  def method_loss(params, method_state, batch):
+    return method.loss(params, method_state, batch, apply_fn)
+
+  if method.after_step is None:
+    total = jax.value_and_grad(lambda p, s, b: task_loss(p, b) + method_loss(p, s, b))
+
+    def combined(params, method_state, batch):
+      loss, grads = total(params, method_state, batch)
+      return loss, grads, None
+    return combined
+
+  def separate(params, method_state, batch):
+    ce, task_grads = jax.value_and_grad(task_loss)(params, batch)
+    extra, extra_grads = jax.value_and_grad(method_loss)(params, method_state, batch)
+    return ce + extra, optax.tree.add(task_grads, extra_grads), task_grads
+  return separate
+
+
+def make_epoch_fn(apply_fn: ApplyFn, method: base.Method, tx: optax.GradientTransformation, mesh: Mesh):
+  """Jitted ``epoch(params, opt_state, method_state, batches) -> (params, opt_state, method_state,
+  losses)``.
+
+  ``batches`` is a `Batch` of arrays shaped (S, B, ...), sharded along B; ``losses`` is (S,).
+  """
+  step_grads = _step_grads(apply_fn, method)
+  replicated = NamedSharding(mesh, P())
+
+  def epoch(params, opt_state, method_state, batches):
+    def step(carry, batch):
+      params, opt_state, method_state = carry
+      loss, grads, task_grads = step_grads(params, method_state, batch)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      new_params = optax.apply_updates(params, updates)
+      if method.after_step is not None:
+        method_state = method.after_step(method_state, params, new_params, task_grads)
+      return (new_params, opt_state, method_state), loss
+
+    carry, losses = jax.lax.scan(step, (params, opt_state, method_state), batches)
+    return (*carry, losses)
+
+  return jax.jit(epoch, donate_argnums=(0, 1, 2), out_shardings=(replicated,) * 4)
+
+
+def _epoch_batches(data: base.Batch, perm: np.ndarray, batch_size: int) -> base.Batch:
+  """Host (S, B, ...) arrays of one epoch; the last partial batch is dropped (fixed shapes)."""
+  steps = len(perm) // batch_size
+  idx = perm[: steps * batch_size].reshape(steps, batch_size)
+  return base.Batch(*(np.take(a, idx, axis=0) for a in data))
+
+
+def fit_task(
+    apply_fn: ApplyFn,
+    method: base.Method,
+    optimizer: optax.GradientTransformation,
+    params: Params,
+    method_state: Any,
+    data: base.Batch,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    mesh: Mesh,
+    task_index: int = 0,
+    progress: Optional[Callable[[int], None]] = None,
+) -> TaskResult:
+  """Trains on one task's data for ``epochs`` epochs with a fresh optimizer state.
+
+  Args:
+    apply_fn, method, optimizer: the model function, continual method and optax optimizer.
+    params: the parameter pytree at the start of the task. Its buffers are donated to the jitted
+      epoch: do not use them after the call (copy first if you need them).
+    method_state: the method's state; changed during the task only by ``method.after_step``
+      (consolidation is ``end_task``, called by the caller). Donated like ``params``.
+    data: the task's training data, host arrays (N, ...).
+    epochs: passes over the data.
+    batch_size: global batch size; a multiple of the mesh's ``data`` size.
+    seed: seeds the per-epoch shuffles (numpy), so that a resumed run shuffles identically.
+    mesh: the device mesh (axis ``data``).
+    task_index: for error messages.
+    progress: called with the number of steps after each epoch (e.g. a tqdm update).
+
+  Returns:
+    `TaskResult`; ``losses`` has one entry per step, float32.
+
+  Raises:
+    ValueError: fewer examples than one batch, or a bad batch size.
+    FloatingPointError: the loss became NaN or infinite; names the task, epoch and first step.
+  """
+  check_batch_size(batch_size, mesh)
+  n = data.size
+  if n < batch_size:
+    raise ValueError(f'task {task_index} has {n} training examples, fewer than batch_size={batch_size}')
+  tx = optax.chain(method.gradient_transform(method_state), optimizer)
+  replicated = NamedSharding(mesh, P())
+  params = jax.device_put(params, replicated)
+  method_state = jax.device_put(method_state, replicated)
+  opt_state = jax.device_put(tx.init(params), replicated)
+  epoch_fn = make_epoch_fn(apply_fn, method, tx, mesh)
+  rng = np.random.default_rng(seed)
+  all_losses = []
+  for epoch in range(epochs):
+    host = _epoch_batches(data, rng.permutation(n), batch_size)
+    batches = base.Batch(*(_shard_leading(mesh, a, axis=1) for a in host))
+    params, opt_state, method_state, losses = epoch_fn(params, opt_state, method_state, batches)
+    losses = np.asarray(losses)
+    bad = np.flatnonzero(~np.isfinite(losses))
+    if bad.size:
+      step = epoch * len(losses) + int(bad[0])
+      raise FloatingPointError(f'loss became {losses[bad[0]]} at task {task_index}, epoch {epoch}, '
+                               f'step {step} (step {bad[0]} of the epoch); lower the learning rate '
+                               'or the method strength')
+    all_losses.append(losses)
+    if progress is not None:
+      progress(len(losses))
+  logging.info('task %d: %d steps, final loss %.4f', task_index, sum(map(len, all_losses)),
+               all_losses[-1][-1] if all_losses else float('nan'))
+  return TaskResult(params, opt_state, method_state, np.concatenate(all_losses))
+
+
+def make_eval_fn(apply_fn: ApplyFn, mesh: Mesh):
+  """Jitted ``correct(params, batch) -> (B,) bool``: whether each example is classified right."""
+  del mesh  # Shardings come from the arguments.
+
+  def correct(params, batch: base.Batch):
+    logits = apply_fn(params, batch.x, train=False)
+    return jnp.argmax(base.masked_logits(logits, batch.mask), axis=-1) == batch.y
+
+  return jax.jit(correct)
+
+
+def evaluate(eval_fn, params: Params, data: base.Batch, *, batch_size: int, mesh: Mesh) -> float:
+  """Accuracy (fraction in [0, 1]) on ``data``, in fixed-size padded batches (one compile).
+
+  Args:
+    eval_fn: from `make_eval_fn`.
+    params: replicated parameters.
+    data: host arrays (N, ...).
+    batch_size: a multiple of the mesh's ``data`` size.
+    mesh: the device mesh.
+  """
+  check_batch_size(batch_size, mesh)
+  n = data.size
+  correct = 0
+  for start in range(0, n, batch_size):
+    chunk = [a[start:start + batch_size] for a in data]
+    k = len(chunk[1])
+    if k < batch_size:  # Pad to the compiled shape; padded rows are not counted.
+      chunk = [np.concatenate([a, np.repeat(a[-1:], batch_size - k, axis=0)]) for a in chunk]
+    batch = base.Batch(*(_shard_leading(mesh, a, axis=0) for a in chunk))
+    correct += int(np.asarray(eval_fn(params, batch))[:k].sum())
+  return correct / n
+
+
+def evaluate_tasks(eval_fn, params: Params, tests: Sequence[base.Batch], *, batch_size: int,
+                   mesh: Mesh) -> np.ndarray:
+  """Accuracy on each task's test data: (T,) float64 fractions (one row of the accuracy matrix)."""
+  return np.asarray([evaluate(eval_fn, params, t, batch_size=batch_size, mesh=mesh) for t in tests])
