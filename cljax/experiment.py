@@ -17,7 +17,6 @@ from absl import logging
 import jax
 import ml_collections
 import numpy as np
-import optax
 import tqdm
 
 from cljax import checkpoint
@@ -66,7 +65,8 @@ def _claim_workdir(workdir: str, config: dict) -> None:
 
 def build_stream(config: ml_collections.ConfigDict) -> streams.Stream:
   """The task sequence named by the config's data keys."""
-  dataset = sources.load(config.dataset, data_dir=config.data_dir or None)
+  dataset = sources.load(config.dataset, data_dir=config.data_dir or None,
+                         download=config.get('download', False))
   if config.max_train or config.max_test:
     dataset = sources.subsample(dataset, max_train=config.max_train or None,
                                 max_test=config.max_test or None, seed=config.seed)
@@ -91,8 +91,9 @@ class _Loop:
 
   def _initial_state(self) -> dict:
     method_state = self.method.init(self.params0)
-    tx = optax.chain(self.method.gradient_transform(method_state), self.optimizer)
-    return dict(params=self.params0, opt_state=tx.init(self.params0), method_state=method_state,
+    opt_state = training.make_opt_init_fn(self.method, self.optimizer, self.mesh)(self.params0,
+                                                                                   method_state)
+    return dict(params=self.params0, opt_state=opt_state, method_state=method_state,
                 rng=jax.random.key_data(jax.random.key(self.config.seed + 1)))
 
   def _evaluate(self, params) -> np.ndarray:
@@ -175,10 +176,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
     raise ValueError('config.methods is empty: name at least one method')
   for name in config.methods:  # Fail on a bad method before any data loading or writing.
     methods_lib.get(name, config.get(name))
+  training.make_optimizer(config.optimizer, learning_rate=config.learning_rate,
+                          momentum=config.momentum)
   mesh = training.make_mesh(config.num_devices or None)
   training.check_batch_size(config.batch_size, mesh)
   training.check_batch_size(config.eval_batch_size, mesh)
   stream = build_stream(config)
+  models.make_model(config.model, num_outputs=stream.num_outputs, **dict(config.model_kwargs))
   _claim_workdir(workdir, _config_dict(config))
   results = {}
   for name in config.methods:

@@ -12,6 +12,7 @@ The loss of a step is ``cross_entropy(masked logits, y) + method.loss(...)`` and
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from absl import logging
@@ -113,16 +114,23 @@ def _step_grads(apply_fn: ApplyFn, method: base.Method):
   return separate
 
 
-def make_epoch_fn(apply_fn: ApplyFn, method: base.Method, tx: optax.GradientTransformation, mesh: Mesh):
+@functools.lru_cache(maxsize=64)
+def make_epoch_fn(apply_fn: ApplyFn, method: base.Method, optimizer: optax.GradientTransformation,
+                  mesh: Mesh):
   """Jitted ``epoch(params, opt_state, method_state, batches) -> (params, opt_state, method_state,
-  losses)``.
+  losses)``, cached per (apply_fn, method, optimizer, mesh).
 
-  ``batches`` is a `Batch` of arrays shaped (S, B, ...), sharded along B; ``losses`` is (S,).
+  The update is ``optax.chain(method.gradient_transform(method_state), optimizer)``, built inside
+  the traced function from the traced method state: the same compiled program serves every task
+  (no retrace when bases or anchors change, only when shapes do). ``batches`` is a `Batch` of
+  arrays shaped (S, B, ...), sharded along B; ``losses`` is (S,).
   """
   step_grads = _step_grads(apply_fn, method)
   replicated = NamedSharding(mesh, P())
 
   def epoch(params, opt_state, method_state, batches):
+    tx = optax.chain(method.gradient_transform(method_state), optimizer)
+
     def step(carry, batch):
       params, opt_state, method_state = carry
       loss, grads, task_grads = step_grads(params, method_state, batch)
@@ -136,6 +144,14 @@ def make_epoch_fn(apply_fn: ApplyFn, method: base.Method, tx: optax.GradientTran
     return (*carry, losses)
 
   return jax.jit(epoch, donate_argnums=(0, 1, 2), out_shardings=(replicated,) * 4)
+
+
+@functools.lru_cache(maxsize=64)
+def make_opt_init_fn(method: base.Method, optimizer: optax.GradientTransformation, mesh: Mesh):
+  """Jitted ``init(params, method_state) -> opt_state`` of the chained update (fresh per task)."""
+  def init(params, method_state):
+    return optax.chain(method.gradient_transform(method_state), optimizer).init(params)
+  return jax.jit(init, out_shardings=NamedSharding(mesh, P()))
 
 
 def _epoch_batches(data: base.Batch, perm: np.ndarray, batch_size: int) -> base.Batch:
@@ -164,10 +180,10 @@ def fit_task(
 
   Args:
     apply_fn, method, optimizer: the model function, continual method and optax optimizer.
-    params: the parameter pytree at the start of the task. Its buffers are donated to the jitted
-      epoch: do not use them after the call (copy first if you need them).
+    params: the parameter pytree at the start of the task (copied once onto the mesh; the
+      copies' buffers are then donated from epoch to epoch).
     method_state: the method's state; changed during the task only by ``method.after_step``
-      (consolidation is ``end_task``, called by the caller). Donated like ``params``.
+      (consolidation is ``end_task``, called by the caller).
     data: the task's training data, host arrays (N, ...).
     epochs: passes over the data.
     batch_size: global batch size; a multiple of the mesh's ``data`` size.
@@ -187,12 +203,12 @@ def fit_task(
   n = data.size
   if n < batch_size:
     raise ValueError(f'task {task_index} has {n} training examples, fewer than batch_size={batch_size}')
-  tx = optax.chain(method.gradient_transform(method_state), optimizer)
   replicated = NamedSharding(mesh, P())
-  params = jax.device_put(params, replicated)
-  method_state = jax.device_put(method_state, replicated)
-  opt_state = jax.device_put(tx.init(params), replicated)
-  epoch_fn = make_epoch_fn(apply_fn, method, tx, mesh)
+  # Copies (may_alias=False): the epoch donates its inputs, and the caller keeps its arrays.
+  params = jax.device_put(params, replicated, may_alias=False)
+  method_state = jax.device_put(method_state, replicated, may_alias=False)
+  opt_state = make_opt_init_fn(method, optimizer, mesh)(params, method_state)
+  epoch_fn = make_epoch_fn(apply_fn, method, optimizer, mesh)
   rng = np.random.default_rng(seed)
   all_losses = []
   for epoch in range(epochs):

@@ -332,16 +332,19 @@ def tfds_dataset(name: str,
 _CHOICES = ('digits', 'fashion_mnist', 'tfds:<name>')
 
 
-def load(name: str, *, data_dir: Optional[str | os.PathLike[str]] = None) -> Dataset:
+def load(name: str, *, data_dir: Optional[str | os.PathLike[str]] = None,
+         download: bool = False) -> Dataset:
   """A dataset by name: ``'digits'``, ``'fashion_mnist'`` or ``'tfds:<tfds name>'``.
 
   Args:
     name: which dataset.
     data_dir: where the data lives: the IDX directory for ``'fashion_mnist'`` (None means
       `FASHION_MNIST_DIR`), the TFDS data directory for ``'tfds:...'``; unused by ``'digits'``.
+    download: for ``'tfds:...'`` only: download and prepare the dataset if it is missing
+      (needs network). Never done otherwise.
 
   Returns:
-    The `Dataset`. TFDS datasets must already be prepared (see `tfds_dataset` to download).
+    The `Dataset`.
 
   Raises:
     ValueError: for an unknown name, listing the choices.
@@ -351,7 +354,7 @@ def load(name: str, *, data_dir: Optional[str | os.PathLike[str]] = None) -> Dat
   if name == 'fashion_mnist':
     return fashion_mnist(data_dir=FASHION_MNIST_DIR if data_dir is None else data_dir)
   if name.startswith('tfds:') and len(name) > len('tfds:'):
-    return tfds_dataset(name[len('tfds:'):], data_dir=data_dir)
+    return tfds_dataset(name[len('tfds:'):], data_dir=data_dir, download=download)
   raise ValueError(f'Unknown dataset {name!r}; choose one of {", ".join(_CHOICES)}')
 
 

@@ -9,9 +9,9 @@ functions, so a method never touches the loop and the loop never special-cases a
     cross-entropy of the current batch (0 for finetune).
   * ``gradient_transform(state) -> optax.GradientTransformation``: chained *before* the optimizer,
     e.g. projection of gradients away from a protected subspace; `optax.identity()` for most
-    methods. Arrays it needs (bases, masks) belong in the transform's own state, created by its
-    ``init``, not in a Python closure, so that they are traced arguments of the jitted step rather
-    than constants baked into the compiled program.
+    methods. It is called *inside* the jitted epoch with the method state's arrays traced, so a
+    transform may close over them (bases, masks) without baking constants into the compiled
+    program, and one compilation serves every task.
   * ``end_task(params, state, task_data, apply_fn) -> state``: consolidation after a task
     (Fisher, anchors, bases, buffers). Runs eagerly on the host; it may call jitted helpers.
   * ``training_data(seen) -> Batch`` (optional): the data trained on during the current task,

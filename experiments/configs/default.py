@@ -16,6 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Data: 'digits' | 'fashion_mnist' | 'tfds:<name>'; data_dir '' = the source's default.
   c.dataset = 'digits'
   c.data_dir = ''
+  c.download = False  # TFDS only: download and prepare a missing dataset (needs network).
   c.max_train = 0  # 0 = all examples; else a deterministic subset per split.
   c.max_test = 0
   # Stream: 'permuted' | 'rotated' | 'split'; scenario '' = the stream's default
