@@ -24,6 +24,7 @@ from cljax import methods as methods_lib
 from cljax import metrics
 from cljax import models
 from cljax import report
+from cljax import sharding
 from cljax import training
 from cljax.data import sources
 from cljax.data import streams
@@ -49,7 +50,7 @@ def _claim_workdir(workdir: str, config: dict) -> None:
   Raises:
     ValueError: the workdir holds a run of a different config (names the differing keys).
   """
-  os.makedirs(workdir, exist_ok=True)
+  os.makedirs(workdir, exist_ok=True)  # Every process: Orbax writes from all of them.
   path = os.path.join(workdir, CONFIG_FILE)
   if os.path.exists(path):
     with open(path) as f:
@@ -59,7 +60,7 @@ def _claim_workdir(workdir: str, config: dict) -> None:
       raise ValueError(f'workdir {workdir!r} holds a run of a different config (keys differing: '
                        f'{", ".join(diff)}); nothing was overwritten. Use another --workdir, or '
                        'delete that one to start over.')
-  else:
+  elif jax.process_index() == 0:
     report.write_json(path, config)
 
 
@@ -72,6 +73,11 @@ def build_stream(config: ml_collections.ConfigDict) -> streams.Stream:
                                 max_test=config.max_test or None, seed=config.seed)
   return streams.make_stream(config.stream, dataset, num_tasks=config.num_tasks, seed=config.seed,
                              scenario=config.scenario or None, **dict(config.stream_kwargs))
+
+
+def _rules(config: ml_collections.ConfigDict) -> list[sharding.Rule]:
+  """``config.sharding_rules`` as (regex, spec) pairs."""
+  return [(regex, tuple(spec)) for regex, spec in config.sharding_rules]
 
 
 class _Loop:
@@ -135,7 +141,8 @@ class _Loop:
     result = training.fit_task(
         self.apply_fn, self.method, self.optimizer, state['params'], state['method_state'],
         self._train_data(t), epochs=self.config.epochs, batch_size=self.config.batch_size,
-        seed=seed, mesh=self.mesh, task_index=t, progress=bar.update)
+        seed=seed, mesh=self.mesh, param_rules=_rules(self.config), task_index=t,
+        progress=bar.update)
     method_state = self.method.end_task(result.params, result.method_state,
                                         self.stream.tasks[t].train, self.apply_fn)
     return dict(params=result.params, opt_state=result.opt_state, method_state=method_state,
@@ -147,6 +154,8 @@ class _Loop:
     summary = metrics.summarize(r, b)
     results = dict(method=self.name, accuracy_matrix=r.tolist(), random_init_accuracy=b.tolist(),
                    config=meta['config'], wall_time_s=meta['wall_time_s'], **summary._asdict())
+    if jax.process_index() != 0:  # Only process 0 writes reports.
+      return results
     report.write_json(os.path.join(self.workdir, 'results.json'), results)
     report.plot_accuracy_matrix(os.path.join(self.workdir, 'accuracy_matrix.png'), r,
                                 title=f'{self.name}: ACC {100 * summary.acc:.1f}%, '
@@ -178,11 +187,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
     methods_lib.get(name, config.get(name))
   training.make_optimizer(config.optimizer, learning_rate=config.learning_rate,
                           momentum=config.momentum)
-  mesh = training.make_mesh(config.num_devices or None)
-  training.check_batch_size(config.batch_size, mesh)
-  training.check_batch_size(config.eval_batch_size, mesh)
+  mesh = sharding.make_mesh(config.num_devices or None, model=config.model_axis)
+  sharding.check_batch_size(config.batch_size, mesh)
+  sharding.check_batch_size(config.eval_batch_size, mesh)
   stream = build_stream(config)
-  models.make_model(config.model, num_outputs=stream.num_outputs, **dict(config.model_kwargs))
+  module = models.make_model(config.model, num_outputs=stream.num_outputs,
+                             **dict(config.model_kwargs))
+  abstract_params = jax.eval_shape(
+      lambda key: models.init_params(module, key, stream.input_shape), jax.random.key(0))
+  sharding.param_shardings(abstract_params, mesh, _rules(config))  # Bad rules fail here.
   _claim_workdir(workdir, _config_dict(config))
   results = {}
   for name in config.methods:
@@ -191,5 +204,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
     results[name] = _Loop(config, stream, name, method_dir, mesh).run()
     logging.info('%s: ACC %.2f%%  BWT %.2f  forgetting %.2f', name, 100 * results[name]['acc'],
                  100 * results[name]['bwt'], 100 * results[name]['forgetting'])
-  report.write_summary(workdir, results, title=f'{config.name}: {stream.name}')
+  if jax.process_index() == 0:
+    report.write_summary(workdir, results, title=f'{config.name}: {stream.name}')
   return results

@@ -20,8 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
+from cljax import sharding
 from cljax.methods import base
 
 Params = Any
@@ -37,19 +38,6 @@ class TaskResult(NamedTuple):
   losses: np.ndarray
 
 
-def make_mesh(num_devices: Optional[int] = None) -> Mesh:
-  """A 1-D mesh with axis ``data`` over the first ``num_devices`` devices (all by default).
-
-  Raises:
-    ValueError: if more devices are asked for than exist.
-  """
-  devices = jax.devices()
-  n = len(devices) if num_devices is None else num_devices
-  if not 1 <= n <= len(devices):
-    raise ValueError(f'num_devices={num_devices} but {len(devices)} device(s) are available')
-  return Mesh(np.asarray(devices[:n]), ('data',))
-
-
 def make_optimizer(name: str, *, learning_rate: float, momentum: float = 0.0) -> optax.GradientTransformation:
   """The optax optimizer named in the config (``sgd`` with optional momentum, or ``adam``).
 
@@ -63,22 +51,6 @@ def make_optimizer(name: str, *, learning_rate: float, momentum: float = 0.0) ->
   if name == 'adam':
     return optax.adam(learning_rate)
   raise ValueError(f"unknown optimizer {name!r}; choose 'sgd' or 'adam' (config key `optimizer`)")
-
-
-def check_batch_size(batch_size: int, mesh: Mesh) -> None:
-  """Raises ValueError unless the global batch splits evenly over the ``data`` axis."""
-  n = mesh.shape['data']
-  if batch_size < 1 or batch_size % n:
-    raise ValueError(f'batch_size={batch_size} must be a positive multiple of the {n} device(s) '
-                     'on the data axis')
-
-
-def _shard_leading(mesh: Mesh, array: np.ndarray, axis: int) -> jax.Array:
-  """Places a host array on the mesh, split along ``axis`` over ``data``, from this process's rows."""
-  spec = [None] * array.ndim
-  spec[axis] = 'data'
-  sharding = NamedSharding(mesh, P(*spec))
-  return jax.make_array_from_process_local_data(sharding, array)
 
 
 def _task_loss_fn(apply_fn: ApplyFn):
@@ -126,7 +98,7 @@ def make_epoch_fn(apply_fn: ApplyFn, method: base.Method, optimizer: optax.Gradi
   arrays shaped (S, B, ...), sharded along B; ``losses`` is (S,).
   """
   step_grads = _step_grads(apply_fn, method)
-  replicated = NamedSharding(mesh, P())
+  del mesh  # Shardings come from the arguments (and propagate to the outputs).
 
   def epoch(params, opt_state, method_state, batches):
     tx = optax.chain(method.gradient_transform(method_state), optimizer)
@@ -143,15 +115,17 @@ def make_epoch_fn(apply_fn: ApplyFn, method: base.Method, optimizer: optax.Gradi
     carry, losses = jax.lax.scan(step, (params, opt_state, method_state), batches)
     return (*carry, losses)
 
-  return jax.jit(epoch, donate_argnums=(0, 1, 2), out_shardings=(replicated,) * 4)
+  return jax.jit(epoch, donate_argnums=(0, 1, 2))
 
 
 @functools.lru_cache(maxsize=64)
 def make_opt_init_fn(method: base.Method, optimizer: optax.GradientTransformation, mesh: Mesh):
   """Jitted ``init(params, method_state) -> opt_state`` of the chained update (fresh per task)."""
+  del mesh  # The optimizer state follows the parameters' shardings.
+
   def init(params, method_state):
     return optax.chain(method.gradient_transform(method_state), optimizer).init(params)
-  return jax.jit(init, out_shardings=NamedSharding(mesh, P()))
+  return jax.jit(init)
 
 
 def _epoch_batches(data: base.Batch, perm: np.ndarray, batch_size: int) -> base.Batch:
@@ -159,6 +133,13 @@ def _epoch_batches(data: base.Batch, perm: np.ndarray, batch_size: int) -> base.
   steps = len(perm) // batch_size
   idx = perm[: steps * batch_size].reshape(steps, batch_size)
   return base.Batch(*(np.take(a, idx, axis=0) for a in data))
+
+
+def _placed_copy(tree, shardings):
+  """New buffers holding ``tree`` with ``shardings``. (`jax.device_put(..., may_alias=False)`
+  is not enough: placing a single-device array on a multi-device mesh can reuse its buffer as
+  one of the shards, which the donated epoch would then delete under the caller.)"""
+  return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(tree)
 
 
 def fit_task(
@@ -173,6 +154,7 @@ def fit_task(
     batch_size: int,
     seed: int,
     mesh: Mesh,
+    param_rules: Sequence[sharding.Rule] = (),
     task_index: int = 0,
     progress: Optional[Callable[[int], None]] = None,
 ) -> TaskResult:
@@ -188,7 +170,9 @@ def fit_task(
     epochs: passes over the data.
     batch_size: global batch size; a multiple of the mesh's ``data`` size.
     seed: seeds the per-epoch shuffles (numpy), so that a resumed run shuffles identically.
-    mesh: the device mesh (axis ``data``).
+    mesh: the device mesh (axes ``data``, ``model``).
+    param_rules: `cljax.sharding` rules for the parameters (and the optimizer state, which
+      follows them); unmatched leaves, and the method state, are replicated.
     task_index: for error messages.
     progress: called with the number of steps after each epoch (e.g. a tqdm update).
 
@@ -199,21 +183,20 @@ def fit_task(
     ValueError: fewer examples than one batch, or a bad batch size.
     FloatingPointError: the loss became NaN or infinite; names the task, epoch and first step.
   """
-  check_batch_size(batch_size, mesh)
+  sharding.check_batch_size(batch_size, mesh)
   n = data.size
   if n < batch_size:
     raise ValueError(f'task {task_index} has {n} training examples, fewer than batch_size={batch_size}')
-  replicated = NamedSharding(mesh, P())
-  # Copies (may_alias=False): the epoch donates its inputs, and the caller keeps its arrays.
-  params = jax.device_put(params, replicated, may_alias=False)
-  method_state = jax.device_put(method_state, replicated, may_alias=False)
+  # Fresh copies: the epoch donates its inputs, and the caller keeps its arrays.
+  params = _placed_copy(params, sharding.param_shardings(params, mesh, param_rules))
+  method_state = _placed_copy(method_state, sharding.replicated(mesh))
   opt_state = make_opt_init_fn(method, optimizer, mesh)(params, method_state)
   epoch_fn = make_epoch_fn(apply_fn, method, optimizer, mesh)
   rng = np.random.default_rng(seed)
   all_losses = []
   for epoch in range(epochs):
     host = _epoch_batches(data, rng.permutation(n), batch_size)
-    batches = base.Batch(*(_shard_leading(mesh, a, axis=1) for a in host))
+    batches = base.Batch(*(sharding.shard_batch(mesh, a, axis=1) for a in host))
     params, opt_state, method_state, losses = epoch_fn(params, opt_state, method_state, batches)
     losses = np.asarray(losses)
     bad = np.flatnonzero(~np.isfinite(losses))
@@ -251,7 +234,7 @@ def evaluate(eval_fn, params: Params, data: base.Batch, *, batch_size: int, mesh
     batch_size: a multiple of the mesh's ``data`` size.
     mesh: the device mesh.
   """
-  check_batch_size(batch_size, mesh)
+  sharding.check_batch_size(batch_size, mesh)
   n = data.size
   correct = 0
   for start in range(0, n, batch_size):
@@ -259,7 +242,7 @@ def evaluate(eval_fn, params: Params, data: base.Batch, *, batch_size: int, mesh
     k = len(chunk[1])
     if k < batch_size:  # Pad to the compiled shape; padded rows are not counted.
       chunk = [np.concatenate([a, np.repeat(a[-1:], batch_size - k, axis=0)]) for a in chunk]
-    batch = base.Batch(*(_shard_leading(mesh, a, axis=0) for a in chunk))
+    batch = base.Batch(*(sharding.shard_batch(mesh, a, axis=0) for a in chunk))
     correct += int(np.asarray(eval_fn(params, batch))[:k].sum())
   return correct / n
 

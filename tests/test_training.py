@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from cljax import models
+from cljax import sharding
 from cljax import training
 from cljax.methods import base
 from cljax.methods import regularizers
@@ -29,7 +30,7 @@ def _model():
 
 def test_fit_task_learns_and_evaluate_counts_padded_batches():
   apply_fn, params = _model()
-  mesh = training.make_mesh()
+  mesh = sharding.make_mesh()
   data = _blobs()
   result = training.fit_task(apply_fn, regularizers.finetune(), optax.sgd(0.1), params,
                              base.EmptyState(), data, epochs=3, batch_size=16, seed=0, mesh=mesh)
@@ -45,7 +46,7 @@ def test_fit_task_learns_and_evaluate_counts_padded_batches():
 def test_masked_evaluation_only_considers_the_task_head():
   def apply_fn(params, x, *, train=False, rngs=None):
     return jnp.broadcast_to(jnp.array([0.0, 5.0, 1.0, 0.0]), (x.shape[0], 4))
-  mesh = training.make_mesh()
+  mesh = sharding.make_mesh()
   eval_fn = training.make_eval_fn(apply_fn, mesh)
   mask = np.tile(np.array([False, False, True, True]), (4, 1))
   data = base.Batch(np.zeros((4, 1, 1, 1), np.float32), np.array([2, 2, 3, 1], np.int32), mask)
@@ -61,7 +62,7 @@ def test_nan_loss_names_task_and_step():
   with pytest.raises(FloatingPointError, match=r'task 4, epoch 0, step 0'):
     training.fit_task(apply_fn, regularizers.finetune(), optax.sgd(0.1), params, base.EmptyState(),
                       base.Batch(x, data.y, data.mask), epochs=1, batch_size=16, seed=0,
-                      mesh=training.make_mesh(), task_index=4)
+                      mesh=sharding.make_mesh(), task_index=4)
 
 
 class CountState(NamedTuple):
@@ -81,7 +82,7 @@ def test_after_step_sees_task_gradients_only():
                        end_task=base.keep_state, after_step=after_step)
   data = _blobs(32)
   result = training.fit_task(apply_fn, method, optax.sgd(0.0), params, method.init(params), data,
-                             epochs=1, batch_size=16, seed=0, mesh=training.make_mesh())
+                             epochs=1, batch_size=16, seed=0, mesh=sharding.make_mesh())
   assert int(result.method_state.steps) == 2
   # With lr 0 the params never move: the same CE gradient twice, per batch, summed by hand.
   task_loss = lambda p, b: base.cross_entropy(apply_fn(p, b.x), b.y, b.mask)
@@ -94,9 +95,9 @@ def test_after_step_sees_task_gradients_only():
 
 
 def test_batch_size_and_optimizer_errors():
-  mesh = training.make_mesh()
+  mesh = sharding.make_mesh()
   with pytest.raises(ValueError, match='batch_size=0'):
-    training.check_batch_size(0, mesh)
+    sharding.check_batch_size(0, mesh)
   with pytest.raises(ValueError, match="unknown optimizer 'lion'"):
     training.make_optimizer('lion', learning_rate=0.1)
   with pytest.raises(ValueError, match='learning_rate'):

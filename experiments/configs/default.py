@@ -36,7 +36,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.epochs = 10
   c.batch_size = 32
   c.eval_batch_size = 512
-  c.num_devices = 0  # 0 = all devices on the `data` mesh axis.
+  # Devices: a (data, model) mesh over num_devices (0 = all, over all hosts). Parameters are
+  # replicated unless a sharding rule (regex over 'layer/param' paths, spec per dimension with
+  # None | 'data' | 'model') splits them, e.g. (('dense0/kernel', (None, 'model')),).
+  c.num_devices = 0
+  c.model_axis = 1
+  c.sharding_rules = ()
   # Methods, each run on the same stream; per-method hyperparameters under the method's name.
   c.methods = ('finetune', 'ewc')
   c.ewc = ml_collections.ConfigDict({

@@ -1,0 +1,94 @@
+"""Data-parallel and rule-sharded training on 8 simulated CPU devices (in a subprocess, since
+XLA_FLAGS must be set before JAX starts), plus mesh/rule/batch errors in this process."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from cljax import sharding
+from conftest import ROOT
+
+_SCRIPT = textwrap.dedent('''
+    import jax, numpy as np, optax
+    assert len(jax.devices()) == 8, jax.devices()
+    from cljax import models, sharding, training
+    from cljax.data import sources, streams
+    from cljax.methods import regularizers
+
+    ds = sources.subsample(sources.digits(), max_train=400, max_test=200)
+    stream = streams.permuted(ds, num_tasks=2, seed=0)
+    module = models.make_model('mlp', num_outputs=10, hidden=(32, 32))
+    apply_fn = models.linen_apply_fn(module)
+    params0 = models.init_params(module, jax.random.key(0), stream.input_shape)
+    method = regularizers.ewc(strength=10.0, num_samples=64)
+
+    def run(mesh, rules=()):
+      params, state, rows = params0, method.init(params0), []
+      eval_fn = training.make_eval_fn(apply_fn, mesh)
+      for t, task in enumerate(stream.tasks):
+        r = training.fit_task(apply_fn, method, optax.sgd(0.05), params, state, task.train,
+                              epochs=2, batch_size=40, seed=t, mesh=mesh, param_rules=rules)
+        params, state = r.params, method.end_task(r.params, r.method_state, task.train, apply_fn)
+        rows.append(training.evaluate_tasks(eval_fn, params, [k.test for k in stream.tasks],
+                                            batch_size=40, mesh=mesh))
+      return params, np.asarray(rows)
+
+    p1, r1 = run(sharding.make_mesh(1))
+    p8, r8 = run(sharding.make_mesh(8))
+    leaf = jax.tree.leaves(p8)[0]
+    assert len(leaf.sharding.device_set) == 8, leaf.sharding
+    np.testing.assert_allclose(r8, r1, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+    # FSDP-style: the hidden kernels split over a 4-way model axis, batch over 2-way data.
+    mesh = sharding.make_mesh(8, model=4)
+    rules = [('dense[01]/kernel', (None, 'model'))]
+    p4, r4 = run(mesh, rules)
+    spec = p4['dense0']['kernel'].sharding.spec
+    assert tuple(spec) == (None, 'model'), spec
+    shard_shape = p4['dense0']['kernel'].addressable_shards[0].data.shape
+    assert shard_shape == (64, 8), shard_shape
+    np.testing.assert_allclose(r4, r1, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+    # The global batch is split as expected: 40 rows over 8 devices = 5 each.
+    x = sharding.shard_batch(sharding.make_mesh(8), np.arange(40 * 3).reshape(40, 3), axis=0)
+    assert sorted(s.data.shape for s in x.addressable_shards) == [(5, 3)] * 8
+    print('MULTIDEVICE OK')
+''')
+
+
+def test_one_and_eight_devices_agree():
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+  proc = subprocess.run([sys.executable, '-c', _SCRIPT], env=env, capture_output=True, text=True,
+                        timeout=900)
+  assert proc.returncode == 0 and 'MULTIDEVICE OK' in proc.stdout, proc.stderr[-4000:]
+
+
+def test_path_str_and_rules_errors():
+  params = {'dense0': {'kernel': np.zeros((4, 6)), 'bias': np.zeros(6)}, 'head': {'kernel': np.zeros((6, 3))}}
+  assert sharding.leaf_paths(params) == ['dense0/bias', 'dense0/kernel', 'head/kernel']
+  mesh = sharding.make_mesh(1)
+  shardings = sharding.param_shardings(params, mesh, [('dense0/kernel', (None, 'model'))])
+  assert tuple(shardings['dense0']['kernel'].spec) == (None, 'model')
+  assert tuple(shardings['head']['kernel'].spec) == ()
+  with pytest.raises(ValueError, match=r"rule 'conv.\*' matches no parameter"):
+    sharding.param_shardings(params, mesh, [('conv.*', (None, 'model'))])
+  with pytest.raises(ValueError, match=r"'dense0/bias' has 1 entries|for 'dense0/bias'"):
+    sharding.param_shardings(params, mesh, [('dense0/bias', (None, 'model'))])
+
+
+def test_mesh_errors():
+  n = len(jax.devices())
+  with pytest.raises(ValueError, match='device'):
+    sharding.make_mesh(n + 1)
+  with pytest.raises(ValueError, match='model axis size'):
+    sharding.make_mesh(1, model=2)
