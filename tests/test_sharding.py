@@ -61,6 +61,29 @@ _SCRIPT = textwrap.dedent('''
     # The global batch is split as expected: 40 rows over 8 devices = 5 each.
     x = sharding.shard_batch(sharding.make_mesh(8), np.arange(40 * 3).reshape(40, 3), axis=0)
     assert sorted(s.data.shape for s in x.addressable_shards) == [(5, 3)] * 8
+
+    # Merges of leaves sharded over the 8 devices equal the unsharded merges.
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from cljax import merging
+    rng = np.random.default_rng(0)
+    shapes = {'a': {'kernel': (64, 24)}, 'b': {'kernel': (32, 16), 'bias': (16,)}}
+    make = lambda: jax.tree.map(lambda s: rng.normal(size=s).astype(np.float32), shapes,
+                                is_leaf=lambda s: isinstance(s, tuple))
+    base, models_ = make(), [make() for _ in range(4)]
+    mesh = sharding.make_mesh(8)
+    split = lambda t: jax.tree.map(
+        lambda x: jax.device_put(x, NamedSharding(mesh, P('data') if x.shape[0] % 8 == 0 else P())), t)
+    for merge in (lambda b, f: merging.task_arithmetic(b, f, scaling=0.3),
+                  lambda b, f: merging.ties(b, f, density=0.3, scaling=1.0)):
+      want, got = merge(base, models_), merge(split(base), [split(m) for m in models_])
+      for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5)
+    cm = merging.opcm(alpha=0.5)
+    s1, s8 = cm.init(base), cm.init(split(base))
+    for m in models_:
+      s1, s8 = cm.update(s1, m), cm.update(s8, split(m))
+    for w, g in zip(jax.tree.leaves(cm.params(s1)), jax.tree.leaves(cm.params(s8))):
+      np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4)
     print('MULTIDEVICE OK')
 ''')
 
