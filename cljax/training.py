@@ -3,8 +3,9 @@
 One epoch is one jitted call: the host shuffles the task's data, lays it out as (steps, batch, ...)
 and places it on the mesh with the batch axis sharded over ``data``
 (`jax.make_array_from_process_local_data`); a `jax.lax.scan` then runs every step on device with
-the parameters, optimizer state and method state replicated and their buffers donated. Per-step
-losses come back once per epoch, so NaN detection costs no extra host round trip per step.
+the parameters (replicated, or split by `cljax.sharding` rules), optimizer state and method state
+donated from epoch to epoch. The host prepares the next epoch while the device runs this one,
+and per-step losses come back once per epoch, so NaN detection costs no host round trip per step.
 
 The loss of a step is ``cross_entropy(masked logits, y) + method.loss(...)`` and the update is
 ``optax.chain(method.gradient_transform(method_state), optimizer)``.
@@ -193,11 +194,13 @@ def fit_task(
   opt_state = make_opt_init_fn(method, optimizer, mesh)(params, method_state)
   epoch_fn = make_epoch_fn(apply_fn, method, optimizer, mesh)
   rng = np.random.default_rng(seed)
-  all_losses = []
+  place = lambda: base.Batch(*(sharding.shard_batch(mesh, a, axis=1)
+                               for a in _epoch_batches(data, rng.permutation(n), batch_size)))
+  all_losses, batches = [], place()
   for epoch in range(epochs):
-    host = _epoch_batches(data, rng.permutation(n), batch_size)
-    batches = base.Batch(*(sharding.shard_batch(mesh, a, axis=1) for a in host))
     params, opt_state, method_state, losses = epoch_fn(params, opt_state, method_state, batches)
+    if epoch + 1 < epochs:  # Shuffle and transfer the next epoch while this one computes.
+      batches = place()
     losses = np.asarray(losses)
     bad = np.flatnonzero(~np.isfinite(losses))
     if bad.size:
