@@ -1,0 +1,341 @@
+"""What each `cljax-merge` method computes on one block of one tensor, through `cljax.merging`.
+
+`make_recipe` resolves a `MergeConfig` (mergekit semantics) into calls of the library's merges on
+single-tensor pytrees ``{name: block}``, a block being a range of rows of one tensor of every
+model. Where mergekit's formula is one of the library's merges it is called as is, so the
+out-of-core result equals the in-memory merge of the whole pytrees exactly; otherwise the
+library's building blocks are composed (with per-model weights, which the library's merges do
+not take). With tau_i = theta_i - theta_base, w_i the models' weights, lambda the scaling and
+c_i = w_i / sum_j w_j under ``normalize`` (else w_i):
+
+  ==================  =======================================================================
+  linear              equal weights, normalize: `static.average` (reference = base_model or
+                      the first model); else sum_i c_i theta_i.
+  task_arithmetic     equal c_i = c: `static.task_arithmetic` (scaling = lambda c); else
+                      base + lambda sum_i c_i tau_i.
+  ties                trim each tau_i to its top-``density_i`` magnitudes (threshold t_i, see
+                      below), then `static.ties_task_vectors` (density 1: elect the sign of the
+                      summed mass, disjoint mean under normalize, else the disjoint sum of
+                      w_i-weighted entries), then base + lambda * merged. With equal densities
+                      and weights, normalize and the same trim mode, this is `static.ties`
+                      exactly (tested). Unequal weights under normalize are refused: mergekit's
+                      weighted disjoint mean is not a library merge.
+  dare_linear         one density d for all models (drop rate p = 1 - d). Equal c_i:
+                      `static.dare` (task arithmetic, scaling lambda c); else
+                      `static.dare_task_vectors` then base + lambda sum_i c_i dare(tau_i).
+  dare_ties           one density d. normalize with equal weights: `static.dare` (merge='ties',
+                      density 1); else `static.dare_task_vectors`, weights, and the disjoint
+                      sum of `static.ties_task_vectors`, then base + lambda * merged.
+  magmax              `static.magmax` (scaling lambda).
+  continual_*, opcm   the `cljax.merging.continual` merge's init / update (one model at a time)
+                      / params on each block; OPCM's final rescaling uses the norms of the
+                      whole model (computed in a first pass), continual_ties trims per tensor.
+  ==================  =======================================================================
+
+TIES thresholds: t_i is the k-th largest |tau_i| with k = round(density_i * count) over the
+tensor ('per_tensor', mergekit) or over every merged tensor ('global', the paper); entries with
+|tau_i| >= t_i are kept, as `static.trim_task_vector`. The driver computes t_i exactly by a
+streaming radix selection (`cljax.merging.magnitude_select`) and passes it in.
+
+DARE keys: block j of tensor ``name`` (rows [j R, (j + 1) R)) draws its masks with
+``fold_in(fold_in(key(seed), h), j)``, h the first 4 bytes (little-endian) of SHA-256(name);
+the library then gives model i ``split(block_key, n)[i]``. See `dare_key`.
+
+Everything is computed in float32: blocks arrive upcast, results are float32 blocks.
+
+References:
+  Wortsman et al., ICML 2022 (uniform soup); Ilharco et al., ICLR 2023, Sec. 2 (task
+  arithmetic); Yadav et al., NeurIPS 2023, Sec. 3 (TIES); Yu et al., ICML 2024, Sec. 3 (DARE);
+  Marczak et al., ECCV 2024 (MagMax); Tang et al., arXiv 2501.09522 (OPCM).
+  Goddard et al., "Arcee's MergeKit", 2024 (the weight / normalize / lambda conventions).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cljax.merging import continual
+from cljax.merging import mergekit_config
+from cljax.merging import static
+from cljax.merging import validation
+
+
+class Block(NamedTuple):
+  """One block of one tensor across the models, as a static recipe receives it.
+
+  Attributes:
+    name: the tensor's name (the single key of the pytrees passed to the library).
+    base: float32 array, the base's rows.
+    models: float32 arrays, the models' rows (same shape).
+    thresholds: TIES trim thresholds, one per model (None for other methods).
+    key: DARE's PRNG key of this block (None for other methods).
+  """
+
+  name: str
+  base: np.ndarray
+  models: Sequence[np.ndarray]
+  thresholds: Optional[Sequence[float]] = None
+  key: Optional[jax.Array] = None
+
+
+class Recipe(NamedTuple):
+  """A resolved merge method.
+
+  Attributes:
+    description: what runs, e.g. ``'static.task_arithmetic(scaling=0.5)'``.
+    merge: ``merge(Block) -> float32 array`` for static methods, None for continual ones.
+    continual: the library's `ContinualMerge` for continual methods, else None.
+    densities: per-model TIES densities when thresholds are needed, else None.
+    trim: 'per_tensor' or 'global' (TIES thresholds' scope).
+    uses_key: the merge needs ``Block.key`` (DARE).
+    blockwise: the merge is elementwise, so a tensor may be merged in row blocks; False for
+      continual_ties and OPCM, whose per-tensor steps (trim, SVD) need the whole tensor.
+    global_rescale: OPCM: the final ``base + A / lambda`` uses whole-model norms (two passes).
+  """
+
+  description: str
+  merge: Optional[Callable[[Block], np.ndarray]] = None
+  continual: Optional[continual.ContinualMerge] = None
+  densities: Optional[tuple] = None
+  trim: str = 'per_tensor'
+  uses_key: bool = False
+  blockwise: bool = True
+  global_rescale: bool = False
+
+
+def name_hash(name: str) -> int:
+  """A stable 32-bit hash of a tensor name: the first 4 bytes of its SHA-256, little-endian."""
+  return int.from_bytes(hashlib.sha256(name.encode('utf-8')).digest()[:4], 'little')
+
+
+def dare_key(seed: int, name: str, block: int) -> jax.Array:
+  """DARE's PRNG key for block ``block`` of tensor ``name``: see the module docstring."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), name_hash(name)), block)
+
+
+# ------------------------------------------------------------------------------------------
+# Library calls on single-tensor pytrees
+# ------------------------------------------------------------------------------------------
+
+
+def _on_device(b: Block) -> Block:
+  """The block's arrays as jax Arrays, so the library's checks and merge share one copy."""
+  return b._replace(base=jnp.asarray(b.base), models=[jnp.asarray(m) for m in b.models])
+
+
+def _trees(b: Block) -> tuple:
+  return {b.name: b.base}, [{b.name: m} for m in b.models]
+
+
+def _out(tree: Any, name: str) -> np.ndarray:
+  return np.asarray(tree[name])
+
+
+def _library(fn: Callable, *, with_key: bool = False, **hp) -> Callable[[Block], np.ndarray]:
+  """A block merge that is exactly ``fn(base, finetuned, [key=block key,] **hp)``."""
+  def merge(b: Block) -> np.ndarray:
+    base, models = _trees(_on_device(b))
+    extra = {'key': b.key} if with_key else {}
+    return _out(fn(base, models, **hp, **extra), b.name)
+  return merge
+
+
+@jax.jit
+def _weighted_sum(models, coefficients):
+  return functools.reduce(jnp.add, [coefficients[i] * m for i, m in enumerate(models)])
+
+
+@jax.jit
+def _weighted_task_arithmetic(base, models, coefficients, scaling):
+  tv = functools.reduce(jnp.add, [coefficients[i] * (m - base) for i, m in enumerate(models)])
+  return optax.tree.add_scale(base, scaling, tv)
+
+
+@functools.partial(jax.jit, static_argnames=('reduce', 'weighted'))
+def _ties_block(base, models, thresholds, coefficients, scaling, *, reduce, weighted):
+  trimmed = []
+  for i, m in enumerate(models):
+    tv = m - base
+    tv = jnp.where(jnp.abs(tv) >= thresholds[i], tv, jnp.zeros_like(tv))
+    trimmed.append({'x': coefficients[i] * tv if weighted else tv})
+  merged = static.ties_task_vectors(trimmed, density=1.0, reduce=reduce)['x']
+  return optax.tree.add_scale(base, scaling, merged)
+
+
+@functools.partial(jax.jit, static_argnames=('drop_rate', 'reduce', 'weighted'))
+def _dare_block(key, base, models, coefficients, scaling, *, drop_rate, reduce, weighted):
+  dropped = static.dare_task_vectors(key, [{'x': m - base} for m in models], drop_rate=drop_rate)
+  xs = [coefficients[i] * d['x'] if weighted else d['x'] for i, d in enumerate(dropped)]
+  if reduce is None:
+    merged = functools.reduce(jnp.add, xs)
+  else:
+    merged = static.ties_task_vectors([{'x': x} for x in xs], density=1.0, reduce=reduce)['x']
+  return optax.tree.add_scale(base, scaling, merged)
+
+
+def _checked(fn: Callable) -> Callable[[Block], np.ndarray]:
+  """Runs the library's input checks (shapes, NaN/Inf naming the tensor) before ``fn``."""
+  def merge(b: Block) -> np.ndarray:
+    b = _on_device(b)
+    validation.check_models(*_trees(b))
+    return np.asarray(fn(b))
+  return merge
+
+
+# ------------------------------------------------------------------------------------------
+# Resolution of mergekit's parameters
+# ------------------------------------------------------------------------------------------
+
+
+def _all_equal(values: Sequence[float]) -> bool:
+  return all(v == values[0] for v in values)
+
+
+def _coefficients(config: mergekit_config.MergeConfig) -> tuple:
+  weights = [m.weight for m in config.models]
+  if config.normalize:
+    total = sum(weights)
+    return tuple(w / total for w in weights)
+  return tuple(weights)
+
+
+def _first_different(config: mergekit_config.MergeConfig, field: str) -> str:
+  values = [getattr(m, field) for m in config.models]
+  i = next(i for i, v in enumerate(values) if v != values[0])
+  return (f'{config.models[i].key}.parameters.{field} = {values[i]} differs from {values[0]} '
+          f'({config.models[i].path})')
+
+
+def _linear(config) -> Recipe:
+  weights = [m.weight for m in config.models]
+  if config.normalize and _all_equal(weights):
+    return Recipe('static.average', _library(static.average))
+  c = jnp.asarray(_coefficients(config), jnp.float32)
+  return Recipe(f'sum_i c_i theta_i, c = {np.asarray(c).tolist()}',
+                _checked(lambda b: _weighted_sum(list(b.models), c)))
+
+
+def _task_arithmetic(config) -> Recipe:
+  c = _coefficients(config)
+  if _all_equal(c):
+    scaling = config.scaling * c[0]
+    return Recipe(f'static.task_arithmetic(scaling={scaling:g})',
+                  _library(static.task_arithmetic, scaling=scaling))
+  cs, scaling = jnp.asarray(c, jnp.float32), jnp.float32(config.scaling)
+  return Recipe(f'base + {config.scaling:g} * sum_i c_i tau_i, c = {list(c)}',
+                _checked(lambda b: _weighted_task_arithmetic(b.base, list(b.models), cs, scaling)))
+
+
+def _ties(config) -> Recipe:
+  weights = [m.weight for m in config.models]
+  if config.normalize:
+    if not _all_equal(weights):
+      raise ValueError(f'ties with normalize: true needs equal weights (the library\'s TIES '
+                       f'disjoint mean is unweighted): {_first_different(config, "weight")}; use '
+                       f'equal weights, or normalize: false for the weighted disjoint sum')
+    weighted, reduce, scaling = False, 'mean', config.scaling
+  elif _all_equal(weights):
+    weighted, reduce, scaling = False, 'sum', config.scaling * weights[0]
+  else:
+    weighted, reduce, scaling = True, 'sum', config.scaling
+  cs, s = jnp.asarray(weights, jnp.float32), jnp.float32(scaling)
+
+  def merge(b: Block) -> np.ndarray:
+    t = jnp.asarray(b.thresholds, jnp.float32)
+    return _ties_block(b.base, list(b.models), t, cs, s, reduce=reduce, weighted=weighted)
+
+  densities = tuple(m.density for m in config.models)
+  return Recipe(f'TIES: {config.trim} trim (densities {list(densities)}), '
+                f'static.ties_task_vectors(reduce={reduce!r}){", weighted" if weighted else ""}, '
+                f'scaling {scaling:g}', _checked(merge), densities=densities, trim=config.trim)
+
+
+def _dare(config) -> Recipe:
+  densities = [m.density for m in config.models]
+  if not _all_equal(densities):
+    raise ValueError(f'{config.method} needs one density for all models (the library\'s DARE '
+                     f'has one drop rate): {_first_different(config, "density")}')
+  drop_rate = 1.0 - densities[0]
+  weights = [m.weight for m in config.models]
+  ties_merge = config.method == 'dare_ties'
+  if ties_merge and config.normalize:
+    if not _all_equal(weights):
+      raise ValueError(f'dare_ties with normalize: true needs equal weights (the library\'s '
+                       f'TIES disjoint mean is unweighted): {_first_different(config, "weight")}')
+    merge = _library(static.dare, with_key=True, drop_rate=drop_rate, scaling=config.scaling,
+                     merge='ties')
+    return Recipe(f"static.dare(drop_rate={drop_rate:g}, merge='ties', "
+                  f'scaling={config.scaling:g})', merge, uses_key=True)
+  c = list(_coefficients(config)) if not ties_merge else weights
+  if _all_equal(c) and not ties_merge:
+    scaling = config.scaling * c[0]
+    merge = _library(static.dare, with_key=True, drop_rate=drop_rate, scaling=scaling)
+    return Recipe(f"static.dare(drop_rate={drop_rate:g}, merge='task_arithmetic', "
+                  f'scaling={scaling:g})', merge, uses_key=True)
+  weighted = not _all_equal(c)
+  scaling = config.scaling if weighted else config.scaling * c[0]
+  reduce = 'sum' if ties_merge else None
+  cs, s = jnp.asarray(c, jnp.float32), jnp.float32(scaling)
+
+  def merge(b: Block) -> np.ndarray:
+    return _dare_block(b.key, b.base, list(b.models), cs, s, drop_rate=drop_rate, reduce=reduce,
+                 weighted=weighted)
+
+  return Recipe(f'static.dare_task_vectors(drop_rate={drop_rate:g}), '
+                f'{"disjoint sum" if ties_merge else "sum"}{", weighted" if weighted else ""}, '
+                f'scaling {scaling:g}', _checked(merge), uses_key=True)
+
+
+def make_recipe(config: mergekit_config.MergeConfig) -> Recipe:
+  """Resolves a merge config into library calls (see the module docstring's table).
+
+  Args:
+    config: a checked `MergeConfig`.
+
+  Returns:
+    A `Recipe`.
+
+  Raises:
+    ValueError: per-model values the library's merge cannot express (unequal weights with a
+      normalized TIES, unequal DARE densities), naming the ``models[i].parameters`` key.
+  """
+  method = config.method
+  if method == 'linear':
+    return _linear(config)
+  if method == 'task_arithmetic':
+    return _task_arithmetic(config)
+  if method == 'ties':
+    return _ties(config)
+  if method in ('dare_ties', 'dare_linear'):
+    return _dare(config)
+  if method == 'magmax':
+    return Recipe(f'static.magmax(scaling={config.scaling:g})',
+                  _library(static.magmax, scaling=config.scaling))
+  if method == 'continual_average':
+    return Recipe('continual.continual_average()', continual=continual.continual_average())
+  if method == 'continual_task_arithmetic':
+    return Recipe(f'continual.continual_task_arithmetic(scaling={config.scaling:g})',
+                  continual=continual.continual_task_arithmetic(scaling=config.scaling))
+  if method == 'continual_ties':
+    densities = {m.density for m in config.models}
+    if len(densities) > 1:
+      raise ValueError(f'continual_ties uses one density for all models: '
+                       f'{_first_different(config, "density")}')
+    density = densities.pop()
+    merge = continual.continual_ties(scaling=config.scaling, density=density, trim='per_tensor',
+                                     reduce=config.reduce)
+    return Recipe(f"continual.continual_ties(scaling={config.scaling:g}, density={density:g}, "
+                  f"trim='per_tensor', reduce={config.reduce!r})", continual=merge,
+                  blockwise=False)
+  if method == 'opcm':
+    return Recipe(f'continual.opcm(alpha={config.alpha:g}), rescaled by whole-model norms',
+                  continual=continual.opcm(alpha=config.alpha), blockwise=False,
+                  global_rescale=True)
+  raise ValueError(f'unknown merge_method {method!r}')
