@@ -1,21 +1,68 @@
-"""Continual-training methods by name; each constructor returns a `Method` (see `base`)."""
+"""Continual-training methods by name; each constructor returns a `Method` (see `base`).
+
+The submodules ``replay`` and ``refresh`` keep their module names here; their constructors are
+``replay.replay`` and ``refresh.refresh`` (the latter wraps a `Method`; `refresh_named` builds
+the wrapped method from the registry, which is what the config key ``refresh`` selects).
+"""
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 from cljax.methods import base
+from cljax.methods import refresh
 from cljax.methods import regularizers
 from cljax.methods import replay
 from cljax.methods.base import Batch, Method
-from cljax.methods.regularizers import ewc, finetune
+from cljax.methods.regularizers import ewc, finetune, l2, lwf, mas, online_ewc, si
 from cljax.methods.replay import joint
+
+
+def refresh_named(
+    *,
+    base_method: str = 'finetune',
+    base_hparams: Optional[Mapping[str, Any]] = None,
+    unlearn_rate: float = 0.01,
+    noise: float = 0.0,
+    fisher_weight: float = 0.001,
+    normalize: bool = True,
+    fisher_decay: float = 0.0,
+    fisher_estimator: str = 'empirical',
+    num_samples: int = 1024,
+    fisher_batch_size: int = 32,
+    seed: int = 0,
+) -> Method:
+  """Refresh learning (`cljax.methods.refresh.refresh`) around the registered method
+  ``base_method`` built with ``base_hparams``; the other arguments are refresh's own.
+
+  Raises:
+    ValueError: an unknown or recursive base method, or a bad hyperparameter (of refresh, named
+      ``refresh.<key>``, or of the base method).
+  """
+  if base_method == 'refresh':
+    raise ValueError("refresh.base_method cannot be 'refresh'")
+  if base_method not in REGISTRY:
+    raise ValueError(f'unknown method {base_method!r} (config key `refresh.base_method`); '
+                     f'choose from {sorted(REGISTRY)}')
+  return refresh.refresh(
+      get(base_method, base_hparams), unlearn_rate=unlearn_rate, noise=noise,
+      fisher_weight=fisher_weight, normalize=normalize, fisher_decay=fisher_decay,
+      fisher_estimator=fisher_estimator, num_samples=num_samples,
+      fisher_batch_size=fisher_batch_size, seed=seed)
+
 
 REGISTRY: dict[str, Callable[..., Method]] = {
     'finetune': finetune,
     'joint': joint,
+    'l2': l2,
     'ewc': ewc,
+    'online_ewc': online_ewc,
+    'si': si,
+    'mas': mas,
+    'lwf': lwf,
+    'replay': replay.replay,
+    'refresh': refresh_named,
 }
 
 

@@ -1,11 +1,19 @@
-"""Regularization-based continual training: finetune (no regularizer) and EWC.
+"""Regularization-based continual training: finetune, l2, ewc, online_ewc, si, mas and lwf.
 
-Each constructor takes keyword-only hyperparameters and returns a `cljax.methods.base.Method`.
+Each constructor takes keyword-only hyperparameters, validates them (a bad value raises a
+ValueError naming it as ``<method>.<key>``, its config key) and returns a
+`cljax.methods.base.Method`. The states are NamedTuples whose shapes are fixed by ``init(params)``:
+every quadratic penalty keeps one importance pytree and one anchor, however many tasks were seen.
+
+Parameters are named by their '/'-joined pytree paths (``'dense0/kernel'``, ``'head/bias'``; see
+`param_paths`), so that regex rules over these names select what a method touches.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import re
 from typing import Any, NamedTuple
 
 import jax
@@ -19,6 +27,105 @@ from cljax.methods import base
 Params = Any
 
 
+# ----------------------------------------------------------------------------- validation
+
+
+def validate_non_negative(name: str, value: Any) -> None:
+  """Raises ValueError unless ``value`` is a finite real number >= 0 (NaN and bools rejected)."""
+  if (isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating))
+      or not math.isfinite(value) or value < 0):
+    raise ValueError(f'{name} must be a finite number >= 0, got {value!r}')
+
+
+def validate_positive(name: str, value: Any) -> None:
+  """Raises ValueError unless ``value`` is a finite real number > 0."""
+  validate_non_negative(name, value)
+  if value <= 0:
+    raise ValueError(f'{name} must be > 0, got {value!r}')
+
+
+def validate_fraction(name: str, value: Any) -> None:
+  """Raises ValueError unless ``value`` is a finite real number in [0, 1]."""
+  validate_non_negative(name, value)
+  if value > 1:
+    raise ValueError(f'{name} must be in [0, 1], got {value!r}')
+
+
+def validate_int(name: str, value: Any, *, minimum: int) -> None:
+  """Raises ValueError unless ``value`` is an int (not a bool) >= ``minimum``."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    raise ValueError(f'{name} must be an int >= {minimum}, got {value!r}')
+
+
+# Kept for callers of the foundation's private name.
+_validate_strength = validate_non_negative
+
+
+# ------------------------------------------------------------------------ parameter paths
+
+
+def _key_name(key: Any) -> str:
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def path_name(path: tuple) -> str:
+  """'/'-joined name of a `jax.tree_util` key path: ``(DictKey('dense0'), DictKey('kernel'))``
+  -> ``'dense0/kernel'``."""
+  return '/'.join(_key_name(k) for k in path)
+
+
+def param_paths(params: Params) -> Params:
+  """A pytree like ``params`` whose leaves are the leaves' '/'-joined path names."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: path_name(path), params)
+
+
+def compile_regex(name: str, pattern: Any) -> re.Pattern:
+  """Compiles a parameter-selection regex; ValueError naming ``name`` if it is not one."""
+  if not isinstance(pattern, str):
+    raise ValueError(f'{name} must be a regex string, got {pattern!r}')
+  try:
+    return re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f'{name}={pattern!r} is not a valid regular expression: {e}') from e
+
+
+def select_params(params: Params, regex: re.Pattern, *, name: str) -> Params:
+  """A pytree of Python bools: whether each leaf's path name fully matches ``regex``.
+
+  Works on traced params as well (paths are structure), so a loss can call it under jit.
+
+  Raises:
+    ValueError: the regex matches no parameter (names ``name`` and lists the parameter paths).
+  """
+  selected = jax.tree.map(lambda p: regex.fullmatch(p) is not None, param_paths(params))
+  if not any(jax.tree.leaves(selected)):
+    raise ValueError(f'{name}={regex.pattern!r} matches no parameter; the parameters are '
+                     f'{jax.tree.leaves(param_paths(params))}')
+  return selected
+
+
+def _copy(params: Params) -> Params:
+  return jax.tree.map(jnp.copy, params)
+
+
+def _subset(task_data: base.Batch, num_samples: int, seed: int, task: int) -> base.Batch:
+  """``num_samples`` examples of ``task_data`` drawn without replacement, seeded by (seed, task)."""
+  rng = np.random.default_rng([seed, task])
+  idx = rng.choice(task_data.size, size=min(num_samples, task_data.size), replace=False)
+  return base.Batch(*(np.asarray(a)[np.sort(idx)] for a in task_data))
+
+
+def weighted_quadratic(params: Params, weights: Params, anchor: Params) -> jax.Array:
+  """sum_i w_i (theta_i - a_i)^2 over every leaf; float32 scalar."""
+  return optax.tree.sum(jax.tree.map(lambda w, p, a: w * jnp.square(p - a), weights, params, anchor))
+
+
+# ------------------------------------------------------------------------------- finetune
+
+
 def finetune() -> base.Method:
   """Naive sequential fine-tuning: each task trained with plain cross-entropy, no protection.
 
@@ -30,6 +137,73 @@ def finetune() -> base.Method:
       gradient_transform=base.identity_transform,
       end_task=base.keep_state,
   )
+
+
+# ------------------------------------------------------------------------------------- l2
+
+
+class L2State(NamedTuple):
+  """Attributes: ``anchor`` (params after the previous task), ``num_tasks`` (int32 scalar)."""
+
+  anchor: Params
+  num_tasks: jax.Array
+
+
+def l2_penalty(params: Params, anchor: Params, selected: Params) -> jax.Array:
+  """sum over the selected leaves of sum_i (theta_i - theta*_i)^2; float32 scalar.
+
+  Args:
+    params, anchor: pytrees of the same structure and shapes.
+    selected: pytree of Python bools (static), e.g. from `select_params`.
+  """
+  terms = jax.tree.map(lambda s, p, a: jnp.sum(jnp.square(p - a)) if s else jnp.zeros(()),
+                       selected, params, anchor)
+  return optax.tree.sum(terms)
+
+
+def l2(*, strength: float = 1.0, param_regex: str = '.*') -> base.Method:
+  """L2 to the previous task's parameters (rehearsal-free L2 parameter regularization).
+
+  Loss term at task t > 0: (strength / 2) * sum_{i selected} (theta_i - theta*_{t-1,i})^2, where
+  theta*_{t-1} are the parameters after task t-1: EWC's penalty with the Fisher replaced by the
+  identity, as Smith et al. compare it. Zero during the first task.
+
+  Args:
+    strength: lambda, >= 0.
+    param_regex: selects the regularized parameters by '/'-joined path (``re.fullmatch``), e.g.
+      ``'dense.*'`` leaves the head free, ``'.*/kernel'`` leaves biases free.
+
+  Raises:
+    ValueError: negative or non-finite strength, an invalid regex; and, from ``init``, a regex
+      that matches no parameter (named ``l2.param_regex``).
+
+  References:
+    Smith et al., "A Closer Look at Rehearsal-Free Continual Learning", arXiv 2203.17269 (2022):
+    the L2 parameter-regularization baseline, EWC's penalty (Kirkpatrick et al. 2017, Eq. 3) with
+    uniform importance.
+  """
+  validate_non_negative('l2.strength', strength)
+  regex = compile_regex('l2.param_regex', param_regex)
+
+  def init(params):
+    select_params(params, regex, name='l2.param_regex')
+    return L2State(_copy(params), jnp.zeros((), jnp.int32))
+
+  def loss(params, state, batch, apply_fn):
+    del batch, apply_fn
+    selected = select_params(params, regex, name='l2.param_regex')
+    penalty = 0.5 * strength * l2_penalty(params, state.anchor, selected)
+    return jnp.where(state.num_tasks > 0, penalty, 0.0)
+
+  def end_task(params, state, task_data, apply_fn):
+    del task_data, apply_fn
+    return L2State(_copy(params), state.num_tasks + 1)
+
+  return base.Method(init=init, loss=loss, gradient_transform=base.identity_transform,
+                     end_task=end_task)
+
+
+# ------------------------------------------------------------------------------------ ewc
 
 
 class EWCState(NamedTuple):
@@ -50,16 +224,9 @@ class EWCState(NamedTuple):
   num_tasks: jax.Array
 
 
-def _validate_strength(name: str, value: float) -> None:
-  if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-    raise ValueError(f'{name} must be a finite number >= 0, got {value!r}')
-
-
 def ewc_penalty(params: Params, state: EWCState) -> jax.Array:
   """sum_k sum_i F_k,i (theta_i - theta*_k,i)^2, from the constant-memory state; float32 scalar."""
-  quad = optax.tree.sum(jax.tree.map(lambda f, p, a: f * jnp.square(p - a), state.fisher, params,
-                                     state.anchor))
-  return quad + state.offset
+  return weighted_quadratic(params, state.fisher, state.anchor) + state.offset
 
 
 def consolidate(state: EWCState, fisher: Params, params: Params, *, decay: float = 1.0) -> EWCState:
@@ -74,7 +241,7 @@ def consolidate(state: EWCState, fisher: Params, params: Params, *, decay: float
     state: the accumulated penalty.
     fisher: the new task's diagonal Fisher, pytree like params.
     params: the new anchor theta*_t (parameters after the task).
-    decay: multiplies the old penalty first (online EWC's gamma; 1 for EWC).
+    decay: multiplies the old penalty first (1 for EWC).
   """
   old_f = optax.tree.scale(decay, state.fisher)
   new_f = optax.tree.add(old_f, fisher)
@@ -86,6 +253,37 @@ def consolidate(state: EWCState, fisher: Params, params: Params, *, decay: float
   offset = decay * state.offset + second_moment - optax.tree.sum(
       jax.tree.map(lambda f, m: f * jnp.square(m), new_f, anchor))
   return EWCState(new_f, anchor, offset, state.num_tasks + 1)
+
+
+def consolidate_online(state: EWCState, fisher: Params, params: Params, *, gamma: float) -> EWCState:
+  """Online EWC's update: F <- gamma * F + F_t, anchor <- theta*_t (one anchor, no offset).
+
+  Unlike `consolidate`, the old tasks' quadratics are re-centred on the latest parameters, as in
+  Schwarz et al. (2018): the penalty is ||theta - theta*_t||^2 weighted by the running Fisher.
+  """
+  new_f = jax.tree.map(lambda f, ft: gamma * f + ft, state.fisher, fisher)
+  return EWCState(new_f, _copy(params), jnp.zeros((), jnp.float32), state.num_tasks + 1)
+
+
+def _ewc_init(params):
+  return EWCState(optax.tree.zeros_like(params), _copy(params), jnp.zeros((), jnp.float32),
+                  jnp.zeros((), jnp.int32))
+
+
+def _validate_fisher_options(name, fisher_estimator, num_samples, fisher_batch_size):
+  if fisher_estimator not in fisher_lib.ESTIMATORS:
+    raise ValueError(f'{name}.fisher_estimator must be one of {fisher_lib.ESTIMATORS}, '
+                     f'got {fisher_estimator!r}')
+  validate_int(f'{name}.num_samples', num_samples, minimum=1)
+  validate_int(f'{name}.fisher_batch_size', fisher_batch_size, minimum=1)
+
+
+def task_fisher(apply_fn, params, task_data, *, task, estimator, num_samples, batch_size, seed):
+  """The diagonal Fisher of one task on ``num_samples`` of its examples (seeded by seed, task)."""
+  subset = _subset(task_data, num_samples, seed, task)
+  return fisher_lib.diagonal_fisher(apply_fn, params, subset, estimator=estimator,
+                                    key=jax.random.fold_in(jax.random.key(seed), task),
+                                    batch_size=batch_size)
 
 
 def ewc(
@@ -115,31 +313,394 @@ def ewc(
   References:
     Kirkpatrick et al., "Overcoming catastrophic forgetting in neural networks", PNAS 2017, Eq. 3.
   """
-  _validate_strength('ewc.strength', strength)
-  if fisher_estimator not in fisher_lib.ESTIMATORS:
-    raise ValueError(f'ewc.fisher_estimator must be one of {fisher_lib.ESTIMATORS}, '
-                     f'got {fisher_estimator!r}')
-  if num_samples < 1:
-    raise ValueError(f'ewc.num_samples must be >= 1, got {num_samples}')
-
-  def init(params):
-    zeros = optax.tree.zeros_like(params)
-    return EWCState(zeros, jax.tree.map(jnp.copy, params), jnp.zeros((), jnp.float32),
-                    jnp.zeros((), jnp.int32))
+  validate_non_negative('ewc.strength', strength)
+  _validate_fisher_options('ewc', fisher_estimator, num_samples, fisher_batch_size)
 
   def loss(params, state, batch, apply_fn):
     del batch, apply_fn
     return 0.5 * strength * ewc_penalty(params, state)
 
   def end_task(params, state, task_data, apply_fn):
-    task = int(state.num_tasks)
-    rng = np.random.default_rng([seed, task])
-    idx = rng.choice(task_data.size, size=min(num_samples, task_data.size), replace=False)
-    subset = base.Batch(*(np.asarray(a)[np.sort(idx)] for a in task_data))
-    f = fisher_lib.diagonal_fisher(apply_fn, params, subset, estimator=fisher_estimator,
-                                   key=jax.random.fold_in(jax.random.key(seed), task),
-                                   batch_size=fisher_batch_size)
+    f = task_fisher(apply_fn, params, task_data, task=int(state.num_tasks),
+                    estimator=fisher_estimator, num_samples=num_samples,
+                    batch_size=fisher_batch_size, seed=seed)
     return consolidate(state, f, params)
+
+  return base.Method(init=_ewc_init, loss=loss, gradient_transform=base.identity_transform,
+                     end_task=end_task)
+
+
+def online_ewc(
+    *,
+    strength: float = 100.0,
+    gamma: float = 1.0,
+    fisher_estimator: str = 'exact',
+    num_samples: int = 1024,
+    fisher_batch_size: int = 32,
+    seed: int = 0,
+) -> base.Method:
+  """Online EWC: one running Fisher F <- gamma * F + F_t, anchored at the last task's parameters.
+
+  Loss term: (strength / 2) * sum_i F_i (theta_i - theta*_{t-1,i})^2, where F is the running
+  Fisher after task t-1 and theta*_{t-1} the parameters after task t-1. Each task's F_t is the
+  diagonal Fisher of `cljax.fisher` at the end of the task, as in `ewc`.
+
+  The penalty uses F itself; Schwarz et al. write the penalty with gamma * F*_{t-1} during task t,
+  which is the same up to the factor gamma on the strength (absorbed in ``strength``).
+
+  Args:
+    strength: lambda, >= 0.
+    gamma: decay of the old Fisher in [0, 1] (1 accumulates without forgetting, 0 keeps only the
+      last task's Fisher).
+    fisher_estimator, num_samples, fisher_batch_size, seed: as in `ewc`.
+
+  Raises:
+    ValueError: a negative or non-finite strength, gamma outside [0, 1], an unknown estimator,
+      num_samples < 1.
+
+  References:
+    Schwarz et al., "Progress & Compress: A scalable framework for continual learning", ICML 2018:
+    online EWC, F*_t = gamma F*_{t-1} + F_t with the penalty anchored at theta*_{t-1}.
+    Kirkpatrick et al., PNAS 2017, Eq. 3.
+  """
+  validate_non_negative('online_ewc.strength', strength)
+  validate_fraction('online_ewc.gamma', gamma)
+  _validate_fisher_options('online_ewc', fisher_estimator, num_samples, fisher_batch_size)
+
+  def loss(params, state, batch, apply_fn):
+    del batch, apply_fn
+    return 0.5 * strength * weighted_quadratic(params, state.fisher, state.anchor)
+
+  def end_task(params, state, task_data, apply_fn):
+    f = task_fisher(apply_fn, params, task_data, task=int(state.num_tasks),
+                    estimator=fisher_estimator, num_samples=num_samples,
+                    batch_size=fisher_batch_size, seed=seed)
+    return consolidate_online(state, f, params, gamma=gamma)
+
+  return base.Method(init=_ewc_init, loss=loss, gradient_transform=base.identity_transform,
+                     end_task=end_task)
+
+
+# ------------------------------------------------------------------------------------- si
+
+
+class SIState(NamedTuple):
+  """Synaptic Intelligence's state.
+
+  Attributes:
+    omega: pytree like params, omega_k of the current task: the running path integral
+      -sum_steps g_k * delta theta_k of the unregularized gradient along the trajectory (Eq. 3).
+    importance: pytree like params, Omega_k = sum over finished tasks of omega / (Delta^2 + xi)
+      (Eq. 5).
+    anchor: pytree like params, theta~: the parameters at the end of the previous task (the
+      initial parameters during the first task).
+  """
+
+  omega: Params
+  importance: Params
+  anchor: Params
+
+
+def si_path_step(omega: Params, old_params: Params, new_params: Params, task_grads: Params) -> Params:
+  """omega_k <- omega_k - g_k * (theta_k(new) - theta_k(old)): one step of the path integral."""
+  return jax.tree.map(lambda w, o, n, g: w - g * (n - o), omega, old_params, new_params, task_grads)
+
+
+def si_consolidate(state: SIState, params: Params, *, damping: float) -> SIState:
+  """End of a task: Omega += omega / (Delta^2 + xi) with Delta = theta(end) - theta~ (Eq. 5)."""
+  importance = jax.tree.map(lambda big, w, p, a: big + w / (jnp.square(p - a) + damping),
+                            state.importance, state.omega, params, state.anchor)
+  return SIState(optax.tree.zeros_like(state.omega), importance, _copy(params))
+
+
+def si(*, strength: float = 0.1, damping: float = 0.1) -> base.Method:
+  """Synaptic Intelligence: a per-parameter importance from the path integral of the loss.
+
+  During a task, each step adds -g_k * delta theta_k to omega_k, where g is the gradient of the
+  cross-entropy alone (the unregularized loss, passed by the training loop to ``after_step``) and
+  delta theta the parameter change of the step (whatever optimizer made it). At the end of the
+  task, Omega_k += omega_k / ((theta_k(end) - theta~_k)^2 + xi) and theta~ <- theta(end).
+
+  Loss term: c * sum_k Omega_k (theta_k - theta~_k)^2 (Eq. 4, without a factor 1/2). Omega is not
+  clipped at 0: a parameter whose steps on balance increased the loss gets a negative omega, as
+  in the paper's definition.
+
+  Omega grows with the number of steps, not only with the tasks: under SGD noise -g * delta theta
+  is positive on average even at a minimum (and more so where the penalty holds the task
+  gradient away from 0). The penalty's curvature 2 c Omega must stay within the optimizer's
+  stability bound (lr * 2 c max Omega < 2 (1 + momentum) for SGD), which bounds c for long runs.
+
+  Args:
+    strength: c, >= 0.
+    damping: xi > 0, keeps Omega bounded where a parameter barely moved.
+
+  Raises:
+    ValueError: a negative or non-finite strength, or damping <= 0.
+
+  References:
+    Zenke, Poole & Ganguli, "Continual Learning Through Synaptic Intelligence", ICML 2017, Eq. 3
+    (omega), Eq. 4 (surrogate loss) and Eq. 5 (Omega).
+  """
+  validate_non_negative('si.strength', strength)
+  validate_positive('si.damping', damping)
+
+  def init(params):
+    zeros = optax.tree.zeros_like(params)
+    return SIState(zeros, zeros, _copy(params))
+
+  def loss(params, state, batch, apply_fn):
+    del batch, apply_fn
+    return strength * weighted_quadratic(params, state.importance, state.anchor)
+
+  def after_step(state, old_params, new_params, task_grads):
+    return state._replace(omega=si_path_step(state.omega, old_params, new_params, task_grads))
+
+  def end_task(params, state, task_data, apply_fn):
+    del task_data, apply_fn
+    return si_consolidate(state, params, damping=damping)
+
+  return base.Method(init=init, loss=loss, gradient_transform=base.identity_transform,
+                     end_task=end_task, after_step=after_step)
+
+
+# ------------------------------------------------------------------------------------ mas
+
+
+class MASState(NamedTuple):
+  """Attributes: ``importance`` (Omega, summed over tasks), ``anchor`` (theta* after the last
+  task), ``num_tasks`` (int32 scalar)."""
+
+  importance: Params
+  anchor: Params
+  num_tasks: jax.Array
+
+
+def _squared_output_norm(apply_fn, params, x, mask):
+  """||F(x; theta)||_2^2 of one example over its allowed outputs (a task-IL head alone)."""
+  logits = apply_fn(params, x[None], train=False)[0].astype(jnp.float32)
+  return jnp.sum(jnp.square(jnp.where(mask, logits, 0.0)))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _chunk_mas_sum(apply_fn, params, x, mask, valid):
+  per_example = jax.vmap(jax.grad(functools.partial(_squared_output_norm, apply_fn)),
+                         in_axes=(None, 0, 0))(params, x, mask)
+  weights = valid.astype(jnp.float32)
+  return jax.tree.map(lambda g: jnp.tensordot(weights, jnp.abs(g), axes=1), per_example)
+
+
+def mas_importance(apply_fn: base.ApplyFn, params: Params, data: base.Batch, *,
+                   batch_size: int = 32) -> Params:
+  """MAS importance: mean over examples of |d ||F(x_k; theta)||_2^2 / d theta|.
+
+  The absolute gradient is taken per example, then averaged (Eq. 2 with the global l2^2 output
+  function of Eq. 4), rather than the absolute value of a batch-averaged gradient, which lets
+  examples with opposite-signed gradients cancel. F is the model's logits restricted to each
+  example's mask (other heads' outputs are zeroed, so a task-IL head is its own function).
+
+  Args:
+    apply_fn: ``apply_fn(params, x, train=False) -> logits`` (B, K).
+    params: parameter pytree.
+    data: `Batch` of host arrays: x (N, ...), mask (N, K) bool; labels are not used.
+    batch_size: examples per jitted chunk.
+
+  Returns:
+    A pytree like ``params``, float32, non-negative.
+
+  Raises:
+    ValueError: empty data.
+
+  References:
+    Aljundi et al., "Memory Aware Synapses: Learning what (not) to forget", ECCV 2018, Eq. 2 and 4.
+  """
+  n = data.size
+  if n == 0:
+    raise ValueError('mas_importance needs at least one example')
+  total = optax.tree.zeros_like(jax.tree.map(lambda p: p.astype(jnp.float32), params))
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, start + batch_size).clip(max=n - 1)  # Pad to one compiled shape.
+    valid = np.arange(start, start + batch_size) < n
+    x, mask = np.asarray(data.x)[idx], np.asarray(data.mask)[idx]
+    total = optax.tree.add(total, _chunk_mas_sum(apply_fn, params, x, mask, jnp.asarray(valid)))
+  return optax.tree.scale(1.0 / n, total)
+
+
+def mas(*, strength: float = 1.0, num_samples: int = 1024, batch_size: int = 32,
+        seed: int = 0) -> base.Method:
+  """Memory Aware Synapses: importance from the sensitivity of the output norm to each parameter.
+
+  After each task, Omega += `mas_importance` on ``num_samples`` of its training examples (labels
+  are not needed), and theta* <- theta. Loss term: lambda * sum_ij Omega_ij (theta_ij -
+  theta*_ij)^2 (Eq. 3, without a factor 1/2).
+
+  Args:
+    strength: lambda, >= 0.
+    num_samples: examples (without replacement, seeded) per task's importance.
+    batch_size: examples per jitted chunk.
+    seed: seeds the example subset.
+
+  Raises:
+    ValueError: a negative or non-finite strength, num_samples < 1, batch_size < 1.
+
+  References:
+    Aljundi et al., "Memory Aware Synapses: Learning what (not) to forget", ECCV 2018, Eq. 2-4.
+  """
+  validate_non_negative('mas.strength', strength)
+  validate_int('mas.num_samples', num_samples, minimum=1)
+  validate_int('mas.batch_size', batch_size, minimum=1)
+
+  def init(params):
+    return MASState(optax.tree.zeros_like(params), _copy(params), jnp.zeros((), jnp.int32))
+
+  def loss(params, state, batch, apply_fn):
+    del batch, apply_fn
+    return strength * weighted_quadratic(params, state.importance, state.anchor)
+
+  def end_task(params, state, task_data, apply_fn):
+    subset = _subset(task_data, num_samples, seed, int(state.num_tasks))
+    omega = mas_importance(apply_fn, params, subset, batch_size=batch_size)
+    return MASState(optax.tree.add(state.importance, omega), _copy(params), state.num_tasks + 1)
+
+  return base.Method(init=init, loss=loss, gradient_transform=base.identity_transform,
+                     end_task=end_task)
+
+
+# ------------------------------------------------------------------------------------ lwf
+
+
+class LwFState(NamedTuple):
+  """Learning without Forgetting's state.
+
+  Attributes:
+    old_params: pytree like params, the model after the previous task (the teacher).
+    old_outputs: (K,) bool, outputs that were a training label of some earlier task: the "old
+      outputs" distilled.
+    groups: (K,) int32 in [-1, K): outputs first allowed by the same task's masks share a
+      group, numbered 0, 1, ... in order (-1: not allowed yet). Old outputs of one group share
+      a softmax: a task-IL stream puts each task's head in its own group, a shared head
+      (domain- and class-IL) is a single group.
+    num_tasks: int32 scalar, tasks finished.
+  """
+
+  old_params: Params
+  old_outputs: jax.Array
+  groups: jax.Array
+  num_tasks: jax.Array
+
+
+def _segment_log_softmax(logits: jax.Array, segments: jax.Array, num_segments: int) -> jax.Array:
+  """log-softmax of (B, K) ``logits`` within each group of outputs given by (K,) ``segments``."""
+  z = logits.T  # (K, B): segment ops reduce the leading axis.
+  top = jax.lax.stop_gradient(jax.ops.segment_max(z, segments, num_segments=num_segments))
+  shifted = z - top[segments]
+  total = jax.ops.segment_sum(jnp.exp(shifted), segments, num_segments=num_segments)
+  return (shifted - jnp.log(total[segments])).T
+
+
+def lwf_distillation(logits: jax.Array, old_logits: jax.Array, old_outputs: jax.Array,
+                     groups: jax.Array, *, temperature: float) -> jax.Array:
+  """Knowledge-distillation loss on the old outputs: mean over the batch of
+  -sum_groups sum_{i in group} y'_o(i) log yhat'_o(i), with y'_o = softmax(old_logits / T) and
+  yhat'_o = softmax(logits / T) each taken within a group of old outputs (Eq. 2-3 of Li & Hoiem,
+  summed over old heads).
+
+  Args:
+    logits: (B, K) current model's outputs.
+    old_logits: (B, K) previous model's outputs on the same inputs (treated as constants).
+    old_outputs: (K,) bool, the outputs distilled.
+    groups: (K,) int32 in [-1, K), the softmax group of each output.
+    temperature: T > 0.
+
+  Returns:
+    float32 scalar; 0 when no output is old.
+  """
+  k = logits.shape[-1]
+  active = old_outputs & (groups >= 0)
+  segments = jnp.where(active, groups, k)  # Segment k collects the outputs not distilled.
+  log_q = _segment_log_softmax(logits.astype(jnp.float32) / temperature, segments, k + 1)
+  old = jax.lax.stop_gradient(old_logits.astype(jnp.float32))
+  p = jnp.exp(_segment_log_softmax(old / temperature, segments, k + 1))
+  return -jnp.mean(jnp.sum(jnp.where(active, p * log_q, 0.0), axis=-1))
+
+
+def infer_num_outputs(params: Params, *, name: str) -> int:
+  """The output size K from the last axis of the ``head`` layer's bias (else kernel).
+
+  `cljax.models` names every model's last layer ``head``.
+
+  Raises:
+    ValueError: no parameter path ends in ``head/bias`` or ``head/kernel`` (names ``name``, the
+      hyperparameter to set instead).
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  for suffix in ('head/bias', 'head/kernel'):
+    for path, leaf in leaves:
+      if path_name(path) == suffix or path_name(path).endswith('/' + suffix):
+        return int(leaf.shape[-1])
+  raise ValueError(f'cannot infer the number of outputs: no parameter named .../head/bias or '
+                   f'.../head/kernel; set {name}')
+
+
+def lwf(*, strength: float = 1.0, temperature: float = 2.0, num_outputs: int = 0) -> base.Method:
+  """Learning without Forgetting: distillation to the previous model on the current inputs.
+
+  Loss term at task t > 0: lambda_o * `lwf_distillation` between the current model and the model
+  after task t-1 (a frozen copy in the state), on the current batch's inputs, over the old
+  outputs, softened by temperature T. Which outputs are old depends on the scenario, read off the
+  earlier tasks' labels and masks (no scenario flag needed):
+
+    * task-incremental (per-task heads, masks select a block): every earlier task's head,
+      each with its own softmax (LwF's sum over old tasks);
+    * domain-incremental (shared head, all outputs used by every task): all outputs, one softmax;
+    * class-incremental (shared head, new classes per task): the classes of earlier tasks only,
+      one softmax over them (the new classes have no old response to preserve).
+
+  LwF's warm-up phase (training the new head alone first) is not done: with a shared output
+  layer there is no separate new head.
+
+  Args:
+    strength: lambda_o, >= 0.
+    temperature: T > 0 (Li & Hoiem use 2).
+    num_outputs: K, the model's output size; 0 infers it from the ``head`` layer (see
+      `infer_num_outputs`).
+
+  Raises:
+    ValueError: a negative or non-finite strength, a temperature <= 0, num_outputs < 0; from
+      ``init``, no ``head`` layer to infer num_outputs from.
+
+  References:
+    Li & Hoiem, "Learning without Forgetting", ECCV 2016 / TPAMI 2017, Eq. 2 (L_old) and Eq. 3
+    (temperature-softened probabilities).
+  """
+  validate_non_negative('lwf.strength', strength)
+  validate_positive('lwf.temperature', temperature)
+  validate_int('lwf.num_outputs', num_outputs, minimum=0)
+
+  def init(params):
+    k = num_outputs or infer_num_outputs(params, name='lwf.num_outputs')
+    return LwFState(_copy(params), jnp.zeros((k,), bool), jnp.full((k,), -1, jnp.int32),
+                    jnp.zeros((), jnp.int32))
+
+  def loss(params, state, batch, apply_fn):
+    logits = apply_fn(params, batch.x, train=True)
+    old_logits = apply_fn(state.old_params, batch.x, train=False)
+    kd = lwf_distillation(logits, old_logits, state.old_outputs, state.groups,
+                          temperature=temperature)
+    return jnp.where(state.num_tasks > 0, strength * kd, 0.0)
+
+  def end_task(params, state, task_data, apply_fn):
+    del apply_fn
+    k = state.old_outputs.shape[0]
+    mask = np.asarray(task_data.mask)
+    labels = np.asarray(task_data.y)
+    if mask.shape[-1] != k:
+      raise ValueError(f'lwf.num_outputs: the state has {k} outputs but the task data has '
+                       f'{mask.shape[-1]}')
+    allowed = mask.any(axis=0)
+    groups = np.asarray(state.groups)
+    groups = np.where((groups < 0) & allowed, groups.max() + 1, groups).astype(np.int32)
+    old = np.asarray(state.old_outputs) | (np.bincount(labels, minlength=k)[:k] > 0)
+    return LwFState(_copy(params), jnp.asarray(old), jnp.asarray(groups), state.num_tasks + 1)
 
   return base.Method(init=init, loss=loss, gradient_transform=base.identity_transform,
                      end_task=end_task)
