@@ -1,3 +1,31 @@
-"""cljax: continual learning and model merging for JAX."""
+"""cljax: continual learning and model merging for JAX.
+
+The public modules (algorithms are pure and import neither Orbax, TFDS, absl nor matplotlib):
+
+  cljax.methods     continual-training methods (the `Method` contract) by name
+  cljax.merging     task vectors, static merges, continual merges (init/update/params)
+  cljax.subspace    SVD bases by energy threshold, GPM basis growth, projections
+  cljax.fisher      diagonal Fisher information (EWC, Fisher merging)
+  cljax.metrics     ACC, BWT, FWT, forgetting from the accuracy matrix
+  cljax.models      bundled Flax Linen models and the (apply_fn, params) pair
+  cljax.training    the jitted per-task loop and evaluation
+  cljax.sharding    device meshes, parameter sharding rules, process-local batches
+  cljax.data        real data sources and continual task streams
+  cljax.checkpoint  Orbax stage checkpoints (the only module importing Orbax)
+  cljax.experiment  run(config, workdir): the experiment behind launch.py
+"""
+
+from cljax import fisher
+from cljax import merging
+from cljax import methods
+from cljax import metrics
+from cljax import models
+from cljax import sharding
+from cljax import subspace
+from cljax import training
+from cljax.methods.base import Batch, Method
 
 __version__ = '0.1.0'
+
+__all__ = ['Batch', 'Method', 'fisher', 'merging', 'methods', 'metrics', 'models', 'sharding',
+           'subspace', 'training']
