@@ -18,26 +18,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from cljax.paths import leaf_paths, path_str  # pylint: disable=unused-import (re-exported)
+
 PyTree = Any
 Rule = tuple[str, Sequence[Optional[str]]]
-
-
-def path_str(path: Sequence[Any]) -> str:
-  """'/'-joined names of a `jax.tree_util` key path, e.g. ``('dense0', 'kernel') -> 'dense0/kernel'``."""
-  parts = []
-  for key in path:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-    else:
-      parts.append(str(key))
-  return '/'.join(parts)
-
-
-def leaf_paths(tree: PyTree) -> list[str]:
-  """The '/'-joined path of every leaf of ``tree``, in flattening order."""
-  return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def make_mesh(num_devices: Optional[int] = None, *, model: int = 1) -> Mesh:

@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from cljax import fisher as fisher_lib
+from cljax import paths
 from cljax.methods import base
 
 Params = Any
@@ -64,17 +65,7 @@ _validate_strength = validate_non_negative
 # ------------------------------------------------------------------------ parameter paths
 
 
-def _key_name(key: Any) -> str:
-  for attr in ('key', 'name', 'idx'):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
-def path_name(path: tuple) -> str:
-  """'/'-joined name of a `jax.tree_util` key path: ``(DictKey('dense0'), DictKey('kernel'))``
-  -> ``'dense0/kernel'``."""
-  return '/'.join(_key_name(k) for k in path)
+path_name = paths.path_str  # '/'-joined parameter path, shared with sharding and merging.
 
 
 def param_paths(params: Params) -> Params:
