@@ -1,4 +1,4 @@
-"""Runs a continual-learning experiment: ``python launch.py --config=<file> --workdir=<dir>``.
+"""Runs an experiment: ``python launch.py --config=<file> --workdir=<dir>``.
 
 With no flags it runs the embedded default (permuted sklearn digits, 5 tasks, finetune vs EWC)
 into ``runs/default``. Override any config key on the command line, e.g.
@@ -37,7 +37,14 @@ def main(argv):
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   config_file = config_flags.get_config_filename(flags.FLAGS['config'])
   name = os.path.splitext(os.path.basename(config_file))[0]
-  experiment.run(_CONFIG.value, _WORKDIR.value or os.path.join('runs', name))
+  config = _CONFIG.value
+  # config.experiment picks the runner: continual training (default) or model merging.
+  if config.get('experiment', 'continual') == 'merge':
+    from cljax import merge_experiment  # pylint: disable=g-import-not-at-top
+    run = merge_experiment.run
+  else:
+    run = experiment.run
+  run(config, _WORKDIR.value or os.path.join('runs', name))
 
 
 if __name__ == '__main__':
