@@ -11,6 +11,7 @@ import inspect
 from typing import Any, Callable, Mapping, Optional
 
 from cljax.methods import base
+from cljax.methods import projection
 from cljax.methods import refresh
 from cljax.methods import regularizers
 from cljax.methods import replay
@@ -63,6 +64,9 @@ REGISTRY: dict[str, Callable[..., Method]] = {
     'lwf': lwf,
     'replay': replay.replay,
     'refresh': refresh_named,
+    'gpm': projection.gpm,
+    'osft': projection.osft,
+    'coso': projection.coso,
 }
 
 
