@@ -11,10 +11,18 @@ Every merge works over arbitrary parameter pytrees and in task-vector space, wit
   * Inputs are checked eagerly before anything is computed (`cljax.merging.validation`): the
     first mismatching path in structure, shape or dtype, NaN/Inf in any input model (its path),
     hyperparameters out of range, an empty list of models, an exclude pattern matching nothing.
-  * The arithmetic runs in at least float32 (bf16 params are upcast) inside one jitted function
-    per merge; the result has the base's dtypes. Hyperparameters that change shapes (density,
-    trim, number of steps) are static; scaling coefficients are traced, so sweeping lambda does
-    not recompile.
+    One exception saves a full read of every model: `average` and `task_arithmetic` are linear,
+    so a NaN or Inf in any merged input leaf makes the result non-finite there; they check the
+    excluded leaves of the inputs and the merged leaves of the *result*, and only when the result
+    is not finite run the full input check, which names the model and path (or, with finite
+    inputs, report the overflow). Nothing non-finite is ever returned.
+  * The arithmetic runs in at least float32 (bf16 params are upcast) inside jitted functions;
+    the result has the base's dtypes. Hyperparameters that change shapes (density, trim, number
+    of steps) are static; scaling coefficients are traced, so sweeping lambda does not recompile.
+  * Merging is memory-bound. Average, task arithmetic, MagMax and TIES's elect-and-merge step are
+    written leaf by leaf as chains over the models, which XLA fuses into one pass over the n + 1
+    inputs with no (n, *shape) stacked copy; TIES's per-model thresholds are one jitted call per
+    model (compiled once, as the models share shapes). See benchmarks/merge_throughput.py.
 
 The building blocks over lists of task-vector pytrees are public and jittable:
 `trim_task_vector`, `ties_task_vectors`, `dare_task_vectors`, `kth_largest_magnitude`.
@@ -69,12 +77,54 @@ class _Prepared(NamedTuple):
   models: list       # per finetuned model, its merged leaves
 
 
-def _prepare(base: Params, finetuned: Sequence[Params], exclude: Exclude) -> _Prepared:
-  models = validation.check_models(base, finetuned)
+def _prepare(base: Params, finetuned: Sequence[Params], exclude: Exclude, *,
+             check_values: bool = True) -> _Prepared:
+  """Checks the inputs and splits off the merged leaves.
+
+  With ``check_values=False`` (linear merges, see the module docstring) only the excluded leaves'
+  values are checked here; the caller checks the result with `_check_result`.
+  """
+  models = validation.check_models(base, finetuned, check_values=check_values)
   mask = tvlib.merge_mask(base, exclude)
   validation.check_floating(base, mask)
+  if not check_values:
+    excluded = lambda tree: jax.tree.map(lambda x, m: None if m else x, tree, mask)
+    validation.check_finite(excluded(base), name='base')
+    for i, model in enumerate(models):
+      validation.check_finite(excluded(model), name=f'finetuned[{i}]')
   return _Prepared(mask, tvlib.included_leaves(base, mask),
                    [tvlib.included_leaves(m, mask) for m in models])
+
+
+def _finite_flags(leaves: list) -> list:
+  """Per leaf, whether every entry is finite (jittable; as `validation.check_finite`)."""
+  return [jnp.isfinite(jnp.sum(x * jnp.zeros((), x.dtype))) for x in leaves]
+
+
+def _check_result(flags: list, merged: list, base: Params, finetuned: Sequence[Params],
+                  mask: Any) -> None:
+  """Raises if the result of a linear merge is not finite, naming the input that caused it.
+
+  Args:
+    flags: `_finite_flags` of the merged leaves (host-readable unless traced).
+    merged: the merged leaves, flattening order.
+    base, finetuned, mask: the merge's inputs and `merge_mask`.
+
+  Raises:
+    ValueError: NaN/Inf in an input (its model and path, from `validation.check_models`), or
+      an overflow of finite inputs (the result's path).
+  """
+  if validation.is_traced(flags):
+    return
+  flags = jax.device_get(flags)
+  if all(bool(f) for f in flags):
+    return
+  validation.check_models(base, finetuned)  # Names the first non-finite input.
+  paths = [p for (p, _), m in zip(jax.tree_util.tree_flatten_with_path(base)[0],
+                                  jax.tree.leaves(mask)) if m]
+  bad = next(p for p, f in zip(paths, flags) if not bool(f))
+  raise ValueError(f'the merged model is not finite at {jax.tree_util.keystr(tuple(bad))} although '
+                   f'every input is: the merge overflowed {merged[0].dtype}')
 
 
 def _stack(trees: Sequence[Sequence[jax.Array]]) -> list:
@@ -85,6 +135,15 @@ def _stack(trees: Sequence[Sequence[jax.Array]]) -> list:
 def _stacked_task_vectors(base_leaves: list, model_leaves: list) -> list:
   base_up = tvlib.upcast(base_leaves)
   return [s - b[None] for s, b in zip(_stack(model_leaves), base_up)]
+
+
+def _chain_sum(base_leaves: list, model_leaves: list) -> list:
+  """sum_i (theta_i - theta_base) per merged leaf, upcast: a chain of elementwise ops per leaf,
+  which XLA fuses into one pass over the n + 1 inputs (no stacked copy)."""
+  sums = []
+  for j, b in enumerate(tvlib.upcast(base_leaves)):
+    sums.append(functools.reduce(jnp.add, [m[j].astype(b.dtype) - b for m in model_leaves]))
+  return sums
 
 
 def _unstack(stacked: list, treedef: Any) -> list:
@@ -116,8 +175,9 @@ def _per_model(values: jax.Array, like: jax.Array) -> jax.Array:
 
 @jax.jit
 def _average_impl(base_leaves, model_leaves):
-  tvs = _stacked_task_vectors(base_leaves, model_leaves)
-  return _add_to_base(base_leaves, [x.mean(0) for x in tvs], 1.0)
+  n = len(model_leaves)
+  merged = _add_to_base(base_leaves, _chain_sum(base_leaves, model_leaves), 1.0 / n)
+  return merged, _finite_flags(merged)
 
 
 def average(base: Params, finetuned: Sequence[Params], *, exclude: Exclude = None) -> Params:
@@ -139,14 +199,16 @@ def average(base: Params, finetuned: Sequence[Params], *, exclude: Exclude = Non
   References:
     Wortsman et al., ICML 2022 (uniform soup: theta = 1/n sum_i theta_i).
   """
-  p = _prepare(base, finetuned, exclude)
-  return tvlib.combine(base, p.mask, _average_impl(p.base, p.models))
+  p = _prepare(base, finetuned, exclude, check_values=False)
+  merged, flags = _average_impl(p.base, p.models)
+  _check_result(flags, merged, base, finetuned, p.mask)
+  return tvlib.combine(base, p.mask, merged)
 
 
 @jax.jit
 def _task_arithmetic_impl(base_leaves, model_leaves, scaling):
-  tvs = _stacked_task_vectors(base_leaves, model_leaves)
-  return _add_to_base(base_leaves, [x.sum(0) for x in tvs], scaling)
+  merged = _add_to_base(base_leaves, _chain_sum(base_leaves, model_leaves), scaling)
+  return merged, _finite_flags(merged)
 
 
 def task_arithmetic(base: Params, finetuned: Sequence[Params], *, scaling: float,
@@ -169,9 +231,10 @@ def task_arithmetic(base: Params, finetuned: Sequence[Params], *, scaling: float
   References:
     Ilharco et al., ICLR 2023, Sec. 2 (theta = theta_pre + lambda * sum_t tau_t).
   """
-  p = _prepare(base, finetuned, exclude)
-  return tvlib.combine(base, p.mask,
-                       _task_arithmetic_impl(p.base, p.models, _scalar(scaling, 'scaling')))
+  p = _prepare(base, finetuned, exclude, check_values=False)
+  merged, flags = _task_arithmetic_impl(p.base, p.models, _scalar(scaling, 'scaling'))
+  _check_result(flags, merged, base, finetuned, p.mask)
+  return tvlib.combine(base, p.mask, merged)
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,10 +419,53 @@ def _ties_tv_impl(tvs, *, density, trim, reduce):
   return jax.tree.unflatten(treedef, ties_stacked(stacked, density, trim, reduce))
 
 
+def _elect_and_merge_list(xs: list, reduce: str) -> jax.Array:
+  """`_elect_and_merge` over n trimmed arrays given one by one (fused by XLA, no stack)."""
+  sign = jnp.sign(functools.reduce(jnp.add, xs))
+  agree = [(jnp.sign(x) == sign) & (x != 0) for x in xs]
+  selected = functools.reduce(jnp.add, [jnp.where(a, x, jnp.zeros_like(x))
+                                        for a, x in zip(agree, xs)])
+  if reduce == 'sum':
+    return selected
+  count = functools.reduce(jnp.add, [a.astype(jnp.int32) for a in agree])
+  return selected / jnp.maximum(count, 1).astype(selected.dtype)
+
+
 @functools.partial(jax.jit, static_argnames=('density', 'trim'))
-def _ties_impl(base_leaves, model_leaves, scaling, *, density, trim):
-  tvs = _stacked_task_vectors(base_leaves, model_leaves)
-  return _add_to_base(base_leaves, ties_stacked(tvs, density, trim, 'mean'), scaling)
+def _ties_thresholds(base_leaves, leaves, *, density, trim):
+  """One model's trim thresholds, one float32 per merged leaf: keep ``|tau| >= t``.
+
+  The same entries as `_trim_stacked` keeps: t = 0 keeps everything (k >= size), t = +inf
+  nothing (k = 0), otherwise the k-th largest magnitude. One jitted call per model: its program
+  does not grow with the number of models, and every model reuses the compiled one.
+  """
+  tvs = [m.astype(b.dtype) - b for b, m in zip(tvlib.upcast(base_leaves), leaves)]
+
+  def threshold(group):
+    size = sum(x.size for x in group)
+    k = _keep_count(density, size)
+    if k >= size:
+      return jnp.zeros((), jnp.float32)
+    if k == 0:
+      return jnp.full((), jnp.inf, jnp.float32)
+    return _kth_largest_rows([x[None] for x in group], k)[0]
+
+  if trim == 'global':
+    return [threshold(tvs)] * len(tvs)
+  return [threshold([x]) for x in tvs]
+
+
+@jax.jit
+def _ties_merge(base_leaves, model_leaves, thresholds, scaling):
+  """TIES steps 1-3 given the thresholds, leaf by leaf as one fused pass over the inputs."""
+  merged = []
+  for j, b in enumerate(tvlib.upcast(base_leaves)):
+    trimmed = []
+    for m, t in zip(model_leaves, thresholds):
+      x = m[j].astype(b.dtype) - b
+      trimmed.append(jnp.where(jnp.abs(x).astype(jnp.float32) >= t[j], x, jnp.zeros_like(x)))
+    merged.append(_elect_and_merge_list(trimmed, 'mean'))
+  return _add_to_base(base_leaves, merged, scaling)
 
 
 def ties(base: Params, finetuned: Sequence[Params], *, density: float = 0.2,
@@ -388,7 +494,8 @@ def ties(base: Params, finetuned: Sequence[Params], *, density: float = 0.2,
   density = validation.check_fraction(density, name='density')
   validation.check_choice(trim, name='trim', choices=TRIM_MODES)
   p = _prepare(base, finetuned, exclude)
-  merged = _ties_impl(p.base, p.models, _scalar(scaling, 'scaling'), density=density, trim=trim)
+  thresholds = [_ties_thresholds(p.base, m, density=density, trim=trim) for m in p.models]
+  merged = _ties_merge(p.base, p.models, thresholds, _scalar(scaling, 'scaling'))
   return tvlib.combine(base, p.mask, merged)
 
 
@@ -590,8 +697,13 @@ def fisher(base: Params, finetuned: Sequence[Params], *, fishers: Sequence[Param
 
 @jax.jit
 def _magmax_impl(base_leaves, model_leaves, scaling):
-  tvs = _stacked_task_vectors(base_leaves, model_leaves)
-  merged = [jnp.take_along_axis(x, jnp.argmax(jnp.abs(x), axis=0)[None], axis=0)[0] for x in tvs]
+  merged = []
+  for j, b in enumerate(tvlib.upcast(base_leaves)):
+    best = None
+    for m in model_leaves:  # Strictly larger replaces: the first model wins exact ties.
+      x = m[j].astype(b.dtype) - b
+      best = x if best is None else jnp.where(jnp.abs(x) > jnp.abs(best), x, best)
+    merged.append(best)
   return _add_to_base(base_leaves, merged, scaling)
 
 

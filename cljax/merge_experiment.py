@@ -1,0 +1,795 @@
+"""``run(config, workdir)`` for model merging: base -> probes -> experts -> merges -> report.
+
+The protocol of issue 5, on one dataset whose tasks share the input shape:
+
+  1. Pretraining. The training images are split once, by a seeded permutation, into a
+     pretraining part (``num_pretrain`` examples) and a task part (the rest; disjoint examples).
+     The base model is trained on the pretraining part as it is (all classes, one head).
+  2. Tasks. The task part feeds several `cljax.data.streams` (``task_streams``, e.g. two class
+     groups of ``split``, four ``rotated``, two ``permuted``), concatenated into T tasks. Every
+     task has its own head: the model's ``head`` layer with ``num_classes`` outputs, masked to the
+     task's classes for split tasks. Per task, ``num_heldout`` training examples are held out
+     (labeled; the Frank-Wolfe proxy loss), at most ``max_train`` train, ``max_test`` test.
+  3. Zero-shot reference. Per task a linear probe: only the head is trained, from a fresh
+     initialization, on the frozen base (the backbone's gradients are zeroed before the
+     optimizer, so its weights stay bit-identical to the base's).
+  4. Experts. Each starts from its probe (LP-FT: Kumar et al., ICLR 2022) and fine-tunes every
+     weight. Every model (base, probes, experts) is an Orbax checkpoint under
+     ``workdir/models/<name>/``; a re-run restores it instead of training it again.
+  5. Static merges. The backbones are merged with every method of ``static_methods``; leaves
+     matching ``exclude`` (the heads, ``'head/.*'``) are not merged. Task t is evaluated with
+     expert t's head swapped into the merged model. Fisher merging weighs with
+     `cljax.fisher.diagonal_fisher` of each expert on its own training data; Frank-Wolfe merging
+     minimizes the mean cross-entropy, over tasks, of the merged backbone with each task's head
+     on that task's held-out labeled examples.
+  6. Continual merges. The experts arrive one at a time in ``num_orders`` random orders; after
+     every merge, the accuracy on each task seen so far (with its own head). Every merge ends
+     with an Orbax stage checkpoint (the merge state, without its copy of the base, and the
+     accuracies so far) under ``workdir/continual/<method>/order<k>/``, so a stopped run resumes
+     after its last merge and reaches the same result.
+
+Reported per method: the average accuracy over tasks and the normalized accuracy (merged /
+expert accuracy per task, averaged over tasks; Ilharco et al. 2023, Sec. 4), beside the zero-shot
+probes and the experts. Outputs: ``results.json``, ``summary.md``, ``summary.csv``,
+``continual_accuracy.png`` (accuracy on the tasks seen so far against the number of merged models,
+mean and standard deviation over orders) and ``static_accuracy.png`` (per-task heatmap).
+
+This is the only module of the merge experiment that reads a config object; everything it calls
+takes plain arguments.
+
+References:
+  Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023 (protocol: experts fine-tuned
+  from one pretrained model, absolute and normalized accuracy).
+  Tang et al., arXiv 2501.09522 (continual merging protocol: random task orders, accuracy on the
+  tasks seen so far after each merge).
+  Kumar et al., "Fine-Tuning can Distort Pretrained Features and Underperform Out-of-Distribution",
+  ICLR 2022 (LP-FT: linear probe, then fine-tune).
+"""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import io
+import os
+import time
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from cljax import checkpoint
+from cljax import experiment
+from cljax import fisher as fisher_lib
+from cljax import merging
+from cljax import models
+from cljax import report
+from cljax import sharding
+from cljax import training
+from cljax.data import sources
+from cljax.data import streams
+from cljax.methods import base
+from cljax.methods import regularizers
+
+Params = Any
+
+# Static merges and the config keys each takes (under the method's name in the config).
+STATIC_HPARAMS = {
+    'average': (),
+    'task_arithmetic': ('scaling',),
+    'ties': ('density', 'scaling', 'trim'),
+    'dare_task_arithmetic': ('drop_rate', 'scaling'),
+    'dare_ties': ('drop_rate', 'scaling', 'density', 'trim'),
+    'fisher': ('num_samples', 'estimator', 'batch_size', 'epsilon'),
+    'magmax': ('scaling',),
+    'frank_wolfe': ('num_steps', 'criterion', 'step_scale'),
+}
+# Continual merges by name: constructor(exclude=..., **config[name]) -> ContinualMerge.
+CONTINUAL_MERGES = {
+    'continual_average': merging.continual_average,
+    'continual_task_arithmetic': merging.continual_task_arithmetic,
+    'continual_ties': merging.continual_ties,
+    'opcm': merging.opcm,
+}
+_FISHER_KEYS = ('num_samples', 'estimator', 'batch_size')
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+class MergeData(NamedTuple):
+  """The pretraining data and the tasks of a merge experiment (host numpy arrays).
+
+  Attributes:
+    pretrain: the base model's training data, all classes, masks all True.
+    pretrain_test: the dataset's test images as they are, masks all True.
+    tasks: the T tasks (`streams.Task`: name, train, test), in stream order.
+    heldout: per task, its held-out labeled training examples (not trained on).
+    num_outputs: the head's size (the dataset's number of classes).
+    input_shape: (H, W, C) of every task.
+  """
+
+  pretrain: base.Batch
+  pretrain_test: base.Batch
+  tasks: tuple
+  heldout: tuple
+  num_outputs: int
+  input_shape: tuple
+
+
+def _all_classes(x: np.ndarray, y: np.ndarray, num_classes: int) -> base.Batch:
+  return base.Batch(np.ascontiguousarray(x, np.float32), y.astype(np.int32),
+                    np.ones((y.shape[0], num_classes), bool))
+
+
+def _take(batch: base.Batch, idx: np.ndarray) -> base.Batch:
+  return base.Batch(*(a[idx] for a in batch))
+
+
+def build_data(dataset: sources.Dataset, *, task_streams: Sequence[tuple],
+               stream_kwargs: Mapping[str, Mapping[str, Any]], num_pretrain: int,
+               max_train: Optional[int], max_test: Optional[int], num_heldout: int,
+               seed: int) -> MergeData:
+  """Splits ``dataset`` into pretraining data and T tasks with their own heads.
+
+  Args:
+    dataset: the source `Dataset`, images (N, H, W, C) float32 in [0, 1].
+    task_streams: ``(kind, num_tasks)`` pairs, kind in `streams.KINDS`. Split streams use the
+      task scenario (each task's head masked to its classes); permuted and rotated streams use
+      all classes (every task has its own ``num_classes``-way head anyway).
+    stream_kwargs: per kind, extra keyword arguments of the stream (e.g.
+      ``{'rotated': {'max_degrees': 360.0}}``).
+    num_pretrain: training examples for the base, in [1, N - 1]; the other N - num_pretrain
+      build the tasks.
+    max_train: per task, at most this many training examples (None: all but the held-out).
+    max_test: per task, at most this many test examples (None: all).
+    num_heldout: per task, labeled training examples held out from training, >= 1.
+    seed: seeds the pretraining split, the streams and the per-task subsets.
+
+  Returns:
+    A `MergeData`.
+
+  Raises:
+    ValueError: an unknown stream kind, a bad count, or a task with fewer than
+      ``num_heldout + 1`` training examples.
+  """
+  n = dataset.x_train.shape[0]
+  if isinstance(num_pretrain, bool) or not isinstance(num_pretrain, int) or \
+      not 1 <= num_pretrain < n:
+    raise ValueError(f'num_pretrain must be an int in [1, {n - 1}] (the dataset has {n} training '
+                     f'examples); got {num_pretrain!r}')
+  if isinstance(num_heldout, bool) or not isinstance(num_heldout, int) or num_heldout < 1:
+    raise ValueError(f'num_heldout must be an int >= 1; got {num_heldout!r}')
+  if not task_streams:
+    raise ValueError('task_streams is empty: name at least one (kind, num_tasks) pair')
+  unknown = set(stream_kwargs) - {kind for kind, _ in task_streams}
+  if unknown:
+    raise ValueError(f'stream_kwargs names stream kinds not in task_streams: {sorted(unknown)}')
+  rng = np.random.default_rng(seed)
+  perm = rng.permutation(n)
+  pre, rest = np.sort(perm[:num_pretrain]), np.sort(perm[num_pretrain:])
+  c = int(dataset.num_classes)
+  pool = dataset._replace(x_train=dataset.x_train[rest], y_train=dataset.y_train[rest])
+  tasks, heldout = [], []
+  for i, pair in enumerate(task_streams):
+    if len(pair) != 2:
+      raise ValueError(f'task_streams[{i}] must be a (kind, num_tasks) pair; got {pair!r}')
+    kind, num_tasks = pair
+    stream = streams.make_stream(kind, pool, num_tasks=num_tasks, seed=seed + 1 + i,
+                                 scenario='task' if kind == 'split' else 'domain',
+                                 **dict(stream_kwargs.get(kind, {})))
+    for task in stream.tasks:
+      t = len(tasks)
+      task_rng = np.random.default_rng([seed, t])
+      order = task_rng.permutation(task.train.size)
+      if order.size <= num_heldout:
+        raise ValueError(f'task {task.name!r} has {order.size} training examples, not more than '
+                         f'num_heldout={num_heldout}')
+      train_idx = order[num_heldout:num_heldout + max_train] if max_train else order[num_heldout:]
+      test_idx = np.arange(task.test.size)
+      if max_test and max_test < task.test.size:
+        test_idx = np.sort(task_rng.permutation(task.test.size)[:max_test])
+      tasks.append(streams.Task(task.name, _take(task.train, np.sort(train_idx)),
+                                _take(task.test, test_idx)))
+      heldout.append(_take(task.train, np.sort(order[:num_heldout])))
+  return MergeData(
+      pretrain=_all_classes(dataset.x_train[pre], dataset.y_train[pre], c),
+      pretrain_test=_all_classes(dataset.x_test, dataset.y_test, c),
+      tasks=tuple(tasks), heldout=tuple(heldout), num_outputs=c,
+      input_shape=tuple(int(d) for d in dataset.x_train.shape[1:]))
+
+
+# --------------------------------------------------------------------------------------------
+# Heads, probes, training with model checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def swap_excluded(params: Params, donor: Params, mask: Any) -> Params:
+  """``params`` with ``donor``'s values on the excluded leaves (``mask`` False): e.g. a merged
+  backbone with a task's own head. Jittable (``mask`` holds Python bools)."""
+  return jax.tree.map(lambda p, d, m: p if m else d, params, donor, mask)
+
+
+def probe_method(frozen: Any) -> base.Method:
+  """Finetune with the gradients of the ``frozen`` leaves (True) zeroed: a linear probe when every
+  leaf but the head is frozen. With Adam or SGD, zero gradients leave those weights unchanged.
+
+  Args:
+    frozen: a pytree of Python bools with the params' structure.
+  """
+  tx = optax.masked(optax.set_to_zero(), frozen)
+  return base.Method(init=lambda params: base.EmptyState(), loss=base.no_loss,
+                     gradient_transform=lambda state: tx, end_task=base.keep_state)
+
+
+class Trainer(NamedTuple):
+  """What `train_model` needs besides the data: the model function, an optimizer and the loop's
+  settings (shared by every model of one phase, so the compiled epoch is reused)."""
+
+  apply_fn: Callable
+  method: base.Method
+  optimizer: optax.GradientTransformation
+  epochs: int
+  batch_size: int
+  mesh: Any
+
+
+def train_model(directory: str, trainer: Trainer, init: Params, data: base.Batch, *, seed: int,
+                name: str) -> Params:
+  """Trains ``init`` on ``data``, or restores the result from the Orbax checkpoint in
+  ``directory``; saves it there after training (one stage holding ``{'params': ...}``).
+
+  Args:
+    directory: the model's checkpoint directory.
+    trainer: the model function, method, optimizer and loop settings.
+    init: the starting parameters (also the restore target's structure).
+    data: host training data.
+    seed: shuffling seed of `training.fit_task`.
+    name: for logs and the checkpoint's metadata.
+
+  Returns:
+    The trained parameters.
+  """
+  with checkpoint.StageCheckpointer(directory) as ckpt:
+    if ckpt.latest_step():
+      logging.info('%s: restored from %s', name, directory)
+      return ckpt.restore(ckpt.latest_step(), {'params': init}).state['params']
+    started = time.time()
+    result = training.fit_task(trainer.apply_fn, trainer.method, trainer.optimizer, init,
+                               trainer.method.init(init), data, epochs=trainer.epochs,
+                               batch_size=trainer.batch_size, seed=seed, mesh=trainer.mesh)
+    ckpt.save(1, {'params': result.params},
+              dict(name=name, examples=data.size, final_loss=float(result.losses[-1]),
+                   wall_time_s=time.time() - started))
+    return result.params
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+
+class Evaluator:
+  """Accuracy of a model on each task's test data, with the test batches placed once.
+
+  Like `training.evaluate` (fixed-size padded batches sharded over ``data``, one compile), but
+  the batches stay on the device between calls: the continual protocol evaluates hundreds of
+  merged models on the same test sets.
+  """
+
+  def __init__(self, apply_fn: Callable, tests: Sequence[base.Batch], *, batch_size: int,
+               mesh: Any):
+    sharding.check_batch_size(batch_size, mesh)
+    self._eval_fn = training.make_eval_fn(apply_fn, mesh)
+    self._tasks = []
+    for data in tests:
+      chunks = []
+      for start in range(0, data.size, batch_size):
+        chunk = [np.asarray(a[start:start + batch_size]) for a in data]
+        k = chunk[1].shape[0]
+        if k < batch_size:  # Pad to the compiled shape; padded rows are not counted.
+          chunk = [np.concatenate([a, np.repeat(a[-1:], batch_size - k, axis=0)]) for a in chunk]
+        chunks.append((base.Batch(*(sharding.shard_batch(mesh, a) for a in chunk)), k))
+      self._tasks.append((chunks, data.size))
+
+  def accuracy(self, params: Params, task: int) -> float:
+    """Fraction of task ``task``'s test examples that ``params`` classifies correctly."""
+    chunks, n = self._tasks[task]
+    correct = jax.device_get([self._eval_fn(params, batch) for batch, _ in chunks])
+    return sum(int(np.asarray(c)[:k].sum()) for c, (_, k) in zip(correct, chunks)) / n
+
+
+# --------------------------------------------------------------------------------------------
+# Merges
+# --------------------------------------------------------------------------------------------
+
+
+def check_hparams(name: str, hparams: Mapping[str, Any], allowed: Sequence[str]) -> dict:
+  """Returns ``dict(hparams)`` after checking that every key is one the method takes.
+
+  Raises:
+    ValueError: naming the unknown config keys ``<name>.<key>``.
+  """
+  unknown = sorted(set(hparams) - set(allowed))
+  if unknown:
+    raise ValueError(f'unknown hyperparameter(s) {", ".join(f"{name}.{k}" for k in unknown)}; '
+                     f'{name} takes {sorted(allowed) or "none"}')
+  return dict(hparams)
+
+
+def proxy_loss_fn(apply_fn: Callable, heads: Sequence[Params], batches: Sequence[base.Batch],
+                  mask: Any) -> Callable[[Params], jax.Array]:
+  """Frank-Wolfe's proxy objective: the mean over tasks of the cross-entropy of the merged
+  backbone with task t's head (``heads[t]``, swapped in on the excluded leaves) on task t's
+  held-out labeled ``batches[t]``. Traced under jit; the data are closed over."""
+  data = [base.Batch(jnp.asarray(b.x), jnp.asarray(b.y), jnp.asarray(b.mask)) for b in batches]
+  heads = [jax.tree.map(jnp.asarray, h) for h in heads]
+
+  def loss(params: Params) -> jax.Array:
+    losses = [base.cross_entropy(apply_fn(swap_excluded(params, h, mask), b.x), b.y, b.mask)
+              for h, b in zip(heads, data)]
+    return sum(losses) / len(losses)
+
+  return loss
+
+
+def static_merge(name: str, base_params: Params, experts: Sequence[Params], *,
+                 hparams: Mapping[str, Any], exclude: Any, key: jax.Array,
+                 fishers: Optional[Sequence[Params]] = None,
+                 proxy_loss: Optional[Callable[[Params], jax.Array]] = None) -> Params:
+  """Merges ``experts`` into ``base_params`` with the static method ``name``.
+
+  Args:
+    name: a key of `STATIC_HPARAMS`; ``dare_task_arithmetic`` / ``dare_ties`` are
+      `merging.dare` with ``merge='task_arithmetic'`` / ``'ties'``.
+    base_params: the base model.
+    experts: the fine-tuned models.
+    hparams: the method's hyperparameters (keys of `STATIC_HPARAMS[name]`; for fisher, the keys
+      ``num_samples``, ``estimator``, ``batch_size`` belong to the Fisher's estimation and are
+      ignored here).
+    exclude: regex(es) of leaves not merged.
+    key: PRNG key of DARE's drop masks.
+    fishers: per expert its diagonal Fisher (fisher only).
+    proxy_loss: Frank-Wolfe's objective (frank_wolfe only).
+
+  Returns:
+    The merged params (excluded leaves hold the base's values).
+
+  Raises:
+    ValueError: an unknown method or hyperparameter, or what the merge itself raises.
+  """
+  if name not in STATIC_HPARAMS:
+    raise ValueError(f'unknown static merge {name!r} (config key `static_methods`); choose from '
+                     f'{sorted(STATIC_HPARAMS)}')
+  hp = check_hparams(name, hparams, STATIC_HPARAMS[name])
+  if name == 'average':
+    return merging.average(base_params, experts, exclude=exclude)
+  if name == 'task_arithmetic':
+    return merging.task_arithmetic(base_params, experts, exclude=exclude, **hp)
+  if name == 'ties':
+    return merging.ties(base_params, experts, exclude=exclude, **hp)
+  if name in ('dare_task_arithmetic', 'dare_ties'):
+    merge = 'ties' if name == 'dare_ties' else 'task_arithmetic'
+    return merging.dare(base_params, experts, key=key, merge=merge, exclude=exclude, **hp)
+  if name == 'fisher':
+    rest = {k: v for k, v in hp.items() if k not in _FISHER_KEYS}
+    return merging.fisher(base_params, experts, fishers=fishers, exclude=exclude, **rest)
+  if name == 'magmax':
+    return merging.magmax(base_params, experts, exclude=exclude, **hp)
+  return merging.frank_wolfe(base_params, experts, loss_fn=proxy_loss, exclude=exclude, **hp)
+
+
+def continual_merge(name: str, hparams: Mapping[str, Any], exclude: Any) -> merging.ContinualMerge:
+  """The continual merge ``name`` (a key of `CONTINUAL_MERGES`) with its hyperparameters.
+
+  Raises:
+    ValueError: an unknown method, an unknown hyperparameter (named ``<name>.<key>``), or a bad
+      value (from the constructor).
+  """
+  if name not in CONTINUAL_MERGES:
+    raise ValueError(f'unknown continual merge {name!r} (config key `continual_methods`); choose '
+                     f'from {sorted(CONTINUAL_MERGES)}')
+  ctor = CONTINUAL_MERGES[name]
+  allowed = [k for k in inspect.signature(ctor).parameters if k != 'exclude']
+  return ctor(exclude=exclude, **check_hparams(name, hparams, allowed))
+
+
+def _stored(state: Any) -> dict:
+  """The part of a continual merge state that is checkpointed: every field but the base (the
+  base is restored from its own checkpoint, so each merge step does not store it again)."""
+  return {k: v for k, v in state._asdict().items() if k != 'base'}
+
+
+def run_order(merge: merging.ContinualMerge, base_params: Params, experts: Sequence[Params],
+              order: Sequence[int], *, directory: str,
+              accuracy: Callable[[Params, int], float]) -> dict:
+  """Merges ``experts`` one at a time in ``order``, resuming from the stage checkpoints.
+
+  After merge j (1-based) the accuracy on each task ``order[:j]`` seen so far is measured, and
+  stage j is saved in ``directory`` (the merge state without its base, and the accuracies).
+
+  Args:
+    merge: the continual merge.
+    base_params: the base model.
+    experts: all T experts, indexed by task.
+    order: a permutation of range(T).
+    directory: this order's checkpoint directory.
+    accuracy: ``accuracy(merged_params, task) -> float``, with the task's head swapped in.
+
+  Returns:
+    ``dict(order, task_accuracy, seen_accuracy)``: per merge the accuracies on the seen tasks
+    (in arrival order) and their mean.
+
+  Raises:
+    ValueError: the checkpoints in ``directory`` belong to another order.
+  """
+  order = [int(t) for t in order]
+  state = merge.init(base_params)
+  with checkpoint.StageCheckpointer(directory) as ckpt:
+    done = ckpt.latest_step() or 0
+    if done:
+      stage = ckpt.restore(done, _stored(state))
+      state, meta = state._replace(**stage.state), stage.meta
+      if list(meta['order']) != order:
+        raise ValueError(f'{directory} holds merges in the order {meta["order"]}, not {order}')
+    else:
+      meta = dict(order=order, task_accuracy=[], seen_accuracy=[])
+    for j in range(done, len(order)):
+      state = merge.update(state, experts[order[j]])
+      params = merge.params(state)
+      accs = [accuracy(params, t) for t in order[:j + 1]]
+      meta['task_accuracy'].append(accs)
+      meta['seen_accuracy'].append(float(np.mean(accs)))
+      ckpt.save(j + 1, _stored(state), meta)
+  return meta
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def _summary_rows(results: dict) -> list:
+  """Rows of the summary table (percentages, rounded), references first."""
+  rows = []
+
+  def row(method, kind, acc, norm, acc_std=None, norm_std=None, per_task=()):
+    r = dict(method=method, kind=kind, acc=round(100 * acc, 2), normalized=round(100 * norm, 2),
+             acc_std='' if acc_std is None else round(100 * acc_std, 2),
+             normalized_std='' if norm_std is None else round(100 * norm_std, 2))
+    r.update({f'task{t}': round(100 * a, 2) for t, a in enumerate(per_task)})
+    rows.append(r)
+
+  for key, label in (('zero_shot', 'zero-shot (linear probes on the frozen base)'),
+                     ('experts', 'experts (each on its own task)')):
+    res = results[key]
+    row(label, 'reference', res['acc'], res['normalized_acc'], per_task=res['per_task'])
+  for name, res in results['static'].items():
+    row(name, 'static', res['acc'], res['normalized_acc'], per_task=res['per_task'])
+  for name, res in results['continual'].items():
+    row(name, 'continual', res['final_acc_mean'], res['final_normalized_mean'],
+        res['final_acc_std'], res['final_normalized_std'], res['final_per_task_mean'])
+  return rows
+
+
+def _cell(value: Any, std: Any) -> str:
+  return f'{value:.2f}' if std == '' else f'{value:.2f} ± {std:.2f}'
+
+
+def write_summary(workdir: str, results: dict, *, title: str) -> list:
+  """Writes ``summary.md`` (main table, per-task table) and ``summary.csv``; returns the rows."""
+  rows = _summary_rows(results)
+  tasks = results['tasks']
+  main = [dict(method=r['method'], kind=r['kind'], acc=_cell(r['acc'], r['acc_std']),
+               normalized=_cell(r['normalized'], r['normalized_std'])) for r in rows]
+  per_task = [dict(method=r['method'], **{n: f'{r[f"task{t}"]:.1f}' for t, n in enumerate(tasks)})
+              for r in rows]
+  t = len(tasks)
+  text = (f'# {title}\n\n'
+          f'{t} tasks, one expert each, merged from one base. acc: average test accuracy over '
+          f'the {t} tasks (%), each task evaluated with its own head; normalized: merged / expert '
+          f'accuracy per task, averaged (%). Continual rows: after all {t} merges, mean ± std over '
+          f'{results["num_orders"]} random orders. The base reaches '
+          f'{100 * results["base_pretrain_accuracy"]:.2f}% on its own pretraining task.\n\n'
+          + report.markdown_table(main, ('method', 'kind', 'acc', 'normalized'))
+          + '\n## Per-task accuracy (%)\n\n' + report.markdown_table(per_task, ('method', *tasks)))
+  _write_atomic(os.path.join(workdir, 'summary.md'), text.encode())
+  columns = ['method', 'kind', 'acc', 'acc_std', 'normalized', 'normalized_std'] + \
+      [f'task{i}' for i in range(t)]
+  buf = io.StringIO()
+  writer = csv.DictWriter(buf, fieldnames=columns, lineterminator='\n')
+  writer.writeheader()
+  writer.writerows(rows)
+  _write_atomic(os.path.join(workdir, 'summary.csv'), buf.getvalue().encode())
+  return rows
+
+
+def write_reports(workdir: str, results: dict, *, title: str) -> None:
+  """Writes ``results.json``, the summaries and the plots of a finished run into ``workdir``."""
+  report.write_json(os.path.join(workdir, 'results.json'), results)
+  write_summary(workdir, results, title=title)
+  if results['continual']:
+    plot_continual(os.path.join(workdir, 'continual_accuracy.png'), results)
+  if results['static']:
+    plot_static(os.path.join(workdir, 'static_accuracy.png'), results)
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'wb') as f:
+    f.write(data)
+  os.replace(tmp, path)
+
+
+def _save_figure(path: str, fig: Any) -> None:
+  buf = io.BytesIO()
+  fig.savefig(buf, format='png', dpi=100, bbox_inches='tight')
+  _write_atomic(path, buf.getvalue())
+
+
+def plot_continual(path: str, results: dict) -> None:
+  """Accuracy on the tasks seen so far against the number of merged models: mean ± std over
+  orders per continual method, with the experts and zero-shot probes on the same tasks."""
+  from matplotlib.figure import Figure  # No pyplot: no global figure state or GUI backend.
+
+  fig = Figure(figsize=(7.0, 4.5))
+  ax = fig.add_subplot()
+  for name, res in results['continual'].items():
+    mean, std = 100 * np.asarray(res['mean_curve']), 100 * np.asarray(res['std_curve'])
+    x = np.arange(1, mean.size + 1)
+    ax.plot(x, mean, marker='o', label=name)
+    ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+  for key, style in (('experts', 'k--'), ('zero_shot', 'k:')):
+    curve = 100 * np.asarray(results['continual_reference'][key])
+    ax.plot(np.arange(1, curve.size + 1), curve, style, label=key.replace('_', '-'))
+  ax.set_xlabel('number of merged models')
+  ax.set_ylabel('accuracy on the tasks seen so far (%)')
+  ax.set_title(f'continual merging, mean ± std over {results["num_orders"]} orders')
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  _save_figure(path, fig)
+
+
+def plot_static(path: str, results: dict) -> None:
+  """Heatmap of per-task accuracy (%) for the references and every static merge."""
+  from matplotlib.figure import Figure
+
+  names = ['zero_shot', 'experts', *results['static']]
+  values = [results[n]['per_task'] if n in ('zero_shot', 'experts')
+            else results['static'][n]['per_task'] for n in names]
+  r = 100 * np.asarray(values)
+  fig = Figure(figsize=(1.0 + 0.9 * r.shape[1], 1.0 + 0.45 * r.shape[0]))
+  ax = fig.add_subplot()
+  im = ax.imshow(r, vmin=0.0, vmax=100.0, cmap='viridis', aspect='auto')
+  fig.colorbar(im, ax=ax, label='test accuracy (%)')
+  for i in range(r.shape[0]):
+    for j in range(r.shape[1]):
+      ax.text(j, i, f'{r[i, j]:.0f}', ha='center', va='center', fontsize=8,
+              color='white' if r[i, j] < 60 else 'black')
+  ax.set_xticks(range(r.shape[1]), results['tasks'], rotation=45, ha='right', fontsize=8)
+  ax.set_yticks(range(r.shape[0]), names, fontsize=8)
+  ax.set_title('per-task accuracy of each static merge')
+  _save_figure(path, fig)
+
+
+# --------------------------------------------------------------------------------------------
+# The experiment
+# --------------------------------------------------------------------------------------------
+
+
+def _optimizer(phase: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  return training.make_optimizer(phase.optimizer, learning_rate=phase.learning_rate,
+                                 momentum=phase.get('momentum', 0.0))
+
+
+def _validate(config: ml_collections.ConfigDict, abstract: Params) -> None:
+  """Checks methods, hyperparameters and the exclusion regex on the parameter shapes only, so
+  that a bad config fails before the tasks are built, a model is trained or a file written."""
+  if not config.static_methods and not config.continual_methods:
+    raise ValueError('config.static_methods and config.continual_methods are both empty')
+  if isinstance(config.num_orders, bool) or not isinstance(config.num_orders, int) or \
+      config.num_orders < 1:
+    raise ValueError(f'num_orders must be an int >= 1; got {config.num_orders!r}')
+  for phase in ('pretrain', 'probe', 'finetune'):
+    _optimizer(config[phase])
+  merging.merge_mask(abstract, config.exclude)
+  key = jax.random.key(0)
+  for name in config.static_methods:
+    hp = dict(config.get(name) or {})
+    if name == 'fisher':
+      est = hp.get('estimator', 'exact')
+      if est not in fisher_lib.ESTIMATORS:
+        raise ValueError(f'fisher.estimator must be one of {fisher_lib.ESTIMATORS}; got {est!r}')
+    jax.eval_shape(lambda b, name=name, hp=hp: static_merge(
+        name, b, [b, b], hparams=hp, exclude=config.exclude, key=key, fishers=[b, b],
+        proxy_loss=lambda p: jnp.zeros(())), abstract)
+  for name in config.continual_methods:
+    continual_merge(name, dict(config.get(name) or {}), config.exclude)
+
+
+def _normalized(per_task: Sequence[float], expert: Sequence[float]) -> float:
+  return float(np.mean(np.asarray(per_task) / np.asarray(expert)))
+
+
+def _train_models(config, data, module, mesh, workdir, mask) -> tuple:
+  """Base, probes and experts (restored where their checkpoints exist)."""
+  apply_fn = models.linen_apply_fn(module)
+  params0 = models.init_params(module, jax.random.key(config.seed), data.input_shape)
+  models_dir = os.path.join(workdir, 'models')
+
+  def trainer(phase, method):
+    p = config[phase]
+    return Trainer(apply_fn, method, _optimizer(p), p.epochs, config.batch_size, mesh)
+
+  base_params = train_model(os.path.join(models_dir, 'base'),
+                            trainer('pretrain', regularizers.finetune()), params0, data.pretrain,
+                            seed=config.seed, name='base')
+  probe_init = swap_excluded(base_params, params0, mask)  # A fresh head on the frozen base.
+  probe_trainer = trainer('probe', probe_method(mask))
+  finetune_trainer = trainer('finetune', regularizers.finetune())
+  probes, experts = [], []
+  for t, task in enumerate(tqdm.tqdm(data.tasks, desc='probes and experts', leave=False)):
+    probes.append(train_model(os.path.join(models_dir, f'probe{t}'), probe_trainer, probe_init,
+                              task.train, seed=config.seed + 1 + t, name=f'probe {task.name}'))
+    experts.append(train_model(os.path.join(models_dir, f'expert{t}'), finetune_trainer,
+                               probes[t], task.train, seed=config.seed + 1 + t,
+                               name=f'expert {task.name}'))
+  return apply_fn, base_params, probes, experts
+
+
+def _static_results(config, data, apply_fn, base_params, experts, mask, evaluate,
+                    expert_acc) -> dict:
+  fishers, proxy = None, None
+  if 'fisher' in config.static_methods:
+    hp = config.fisher
+    fishers = [fisher_lib.diagonal_fisher(
+        apply_fn, e, _take(task.train, np.arange(min(hp.num_samples, task.train.size))),
+        estimator=hp.estimator, batch_size=hp.batch_size,
+        key=jax.random.key(config.seed + t)) for t, (e, task) in enumerate(zip(experts, data.tasks))]
+  if 'frank_wolfe' in config.static_methods:
+    proxy = proxy_loss_fn(apply_fn, experts, data.heldout, mask)
+  out = {}
+  for name in tqdm.tqdm(config.static_methods, desc='static merges', leave=False):
+    hp = dict(config.get(name) or {})
+    started = time.time()
+    merged = static_merge(name, base_params, experts, hparams=hp, exclude=config.exclude,
+                          key=jax.random.key(config.seed), fishers=fishers, proxy_loss=proxy)
+    per_task = [evaluate(swap_excluded(merged, e, mask), t) for t, e in enumerate(experts)]
+    out[name] = dict(per_task=per_task, acc=float(np.mean(per_task)),
+                     normalized_acc=_normalized(per_task, expert_acc), hparams=hp,
+                     wall_time_s=time.time() - started)
+    logging.info('%s: acc %.2f%%, normalized %.2f%%', name, 100 * out[name]['acc'],
+                 100 * out[name]['normalized_acc'])
+  return out
+
+
+def _orders(num_tasks: int, num_orders: int, seed: int) -> list:
+  rng = np.random.default_rng([seed, 1])
+  return [rng.permutation(num_tasks).tolist() for _ in range(num_orders)]
+
+
+def _continual_results(config, workdir, base_params, experts, orders, evaluate,
+                       expert_acc) -> dict:
+  out = {}
+  for name in config.continual_methods:
+    hp = dict(config.get(name) or {})
+    merge = continual_merge(name, hp, config.exclude)
+    started = time.time()
+    metas = [run_order(merge, base_params, experts, order,
+                       directory=os.path.join(workdir, 'continual', name, f'order{k}'),
+                       accuracy=evaluate)
+             for k, order in enumerate(tqdm.tqdm(orders, desc=name, leave=False))]
+    curves = np.asarray([m['seen_accuracy'] for m in metas])
+    finals = []
+    for m in metas:  # The accuracies after the last merge, back in task order.
+      per_task = np.empty(len(m['order']))
+      per_task[m['order']] = m['task_accuracy'][-1]
+      finals.append(per_task)
+    finals = np.asarray(finals)
+    normalized = [_normalized(f, expert_acc) for f in finals]
+    out[name] = dict(
+        hparams=hp, orders=orders, seen_accuracy=curves.tolist(),
+        task_accuracy=[m['task_accuracy'] for m in metas],
+        mean_curve=curves.mean(0).tolist(), std_curve=curves.std(0).tolist(),
+        final_per_task_mean=finals.mean(0).tolist(),
+        final_acc_mean=float(finals.mean(1).mean()), final_acc_std=float(finals.mean(1).std()),
+        final_normalized_mean=float(np.mean(normalized)),
+        final_normalized_std=float(np.std(normalized)), wall_time_s=time.time() - started)
+    logging.info('%s: final acc %.2f%% ± %.2f', name, 100 * out[name]['final_acc_mean'],
+                 100 * out[name]['final_acc_std'])
+  return out
+
+
+def _reference_results(config, data, apply_fn, mesh, evaluator, base_params, probes, experts,
+                       orders) -> dict:
+  """The base on its pretraining test set, the zero-shot probes and the experts."""
+  zero_shot = [evaluator.accuracy(p, t) for t, p in enumerate(probes)]
+  expert_acc = [evaluator.accuracy(e, t) for t, e in enumerate(experts)]
+  pretrain_eval = Evaluator(apply_fn, [data.pretrain_test], batch_size=config.eval_batch_size,
+                            mesh=mesh)
+  return dict(
+      base_pretrain_accuracy=pretrain_eval.accuracy(base_params, 0),
+      zero_shot=dict(per_task=zero_shot, acc=float(np.mean(zero_shot)),
+                     normalized_acc=_normalized(zero_shot, expert_acc)),
+      experts=dict(per_task=expert_acc, acc=float(np.mean(expert_acc)), normalized_acc=1.0),
+      continual_reference=dict(experts=_seen_reference(orders, expert_acc),
+                               zero_shot=_seen_reference(orders, zero_shot)))
+
+
+def _seen_reference(orders: Sequence[Sequence[int]], per_task: Sequence[float]) -> list:
+  """Mean over orders of a reference's mean accuracy on the first j tasks, j = 1..T."""
+  acc = np.asarray(per_task)
+  return np.mean([[acc[o[:j]].mean() for j in range(1, len(o) + 1)] for o in orders], 0).tolist()
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs the merge experiment of ``config``; writes and returns its results.
+
+  Args:
+    config: a merge config (see experiments/configs/merge_digits.py for the keys).
+    workdir: output directory: ``config.json``, ``models/`` (Orbax checkpoints of the base,
+      probes and experts), ``continual/<method>/order<k>/`` (stage checkpoints), ``results.json``,
+      ``summary.md``, ``summary.csv``, ``continual_accuracy.png``, ``static_accuracy.png``.
+
+  Returns:
+    The results dict, as written to ``results.json``.
+
+  Raises:
+    ValueError: an unknown method, hyperparameter, model, dataset or stream, a bad count, or a
+      workdir holding a run of another config; raised before anything in the workdir is written.
+    FileNotFoundError: a dataset file is missing.
+    FloatingPointError: a training loss became NaN.
+  """
+  mesh = sharding.make_mesh(config.num_devices or None)
+  sharding.check_batch_size(config.batch_size, mesh)
+  sharding.check_batch_size(config.eval_batch_size, mesh)
+  dataset = sources.load(config.dataset, data_dir=config.data_dir or None)
+  module = models.make_model(config.model, num_outputs=int(dataset.num_classes),
+                             **dict(config.model_kwargs))
+  abstract = jax.eval_shape(lambda k: models.init_params(module, k, dataset.x_train.shape[1:]),
+                            jax.random.key(0))
+  _validate(config, abstract)
+  data = build_data(dataset, task_streams=[tuple(p) for p in config.task_streams],
+                    stream_kwargs={k: dict(v) for k, v in config.stream_kwargs.items()},
+                    num_pretrain=config.num_pretrain, max_train=config.max_train or None,
+                    max_test=config.max_test or None, num_heldout=config.num_heldout,
+                    seed=config.seed)
+  experiment._claim_workdir(workdir, experiment._config_dict(config))  # pylint: disable=protected-access
+  mask = merging.merge_mask(abstract, config.exclude)
+  started = time.time()
+  apply_fn, base_params, probes, experts = _train_models(config, data, module, mesh, workdir, mask)
+  train_time = time.time() - started
+  evaluator = Evaluator(apply_fn, [t.test for t in data.tasks], batch_size=config.eval_batch_size,
+                        mesh=mesh)
+  eval_with_head = jax.jit(lambda params, donor: swap_excluded(params, donor, mask))
+
+  def evaluate(params, t):  # Task t with expert t's head swapped in.
+    return evaluator.accuracy(eval_with_head(params, experts[t]), t)
+
+  orders = _orders(len(data.tasks), config.num_orders, config.seed)
+  results = dict(name=config.name, dataset=dataset.name, tasks=[t.name for t in data.tasks],
+                 num_orders=config.num_orders,
+                 config=experiment._config_dict(config),  # pylint: disable=protected-access
+                 **_reference_results(config, data, apply_fn, mesh, evaluator, base_params, probes,
+                                      experts, orders))
+  expert_acc = results['experts']['per_task']
+  started = time.time()
+  results['static'] = _static_results(config, data, apply_fn, base_params, experts, mask,
+                                      evaluate, expert_acc)
+  static_time = time.time() - started
+  started = time.time()
+  results['continual'] = _continual_results(config, workdir, base_params, experts, orders,
+                                            evaluate, expert_acc)
+  results['wall_time_s'] = dict(training=train_time, static=static_time,
+                                continual=time.time() - started)
+  if jax.process_index() == 0:  # Only process 0 writes reports.
+    write_reports(workdir, results,
+                  title=f'{config.name}: merging {len(data.tasks)} experts on {dataset.name}')
+  return results
