@@ -500,14 +500,14 @@ def write_summary(workdir: str, results: dict, *, title: str) -> list:
           f'{100 * results["base_pretrain_accuracy"]:.2f}% on its own pretraining task.\n\n'
           + report.markdown_table(main, ('method', 'kind', 'acc', 'normalized'))
           + '\n## Per-task accuracy (%)\n\n' + report.markdown_table(per_task, ('method', *tasks)))
-  _write_atomic(os.path.join(workdir, 'summary.md'), text.encode())
+  report.write_bytes(os.path.join(workdir, 'summary.md'), text.encode())
   columns = ['method', 'kind', 'acc', 'acc_std', 'normalized', 'normalized_std'] + \
       [f'task{i}' for i in range(t)]
   buf = io.StringIO()
   writer = csv.DictWriter(buf, fieldnames=columns, lineterminator='\n')
   writer.writeheader()
   writer.writerows(rows)
-  _write_atomic(os.path.join(workdir, 'summary.csv'), buf.getvalue().encode())
+  report.write_bytes(os.path.join(workdir, 'summary.csv'), buf.getvalue().encode())
   return rows
 
 
@@ -519,19 +519,6 @@ def write_reports(workdir: str, results: dict, *, title: str) -> None:
     plot_continual(os.path.join(workdir, 'continual_accuracy.png'), results)
   if results['static']:
     plot_static(os.path.join(workdir, 'static_accuracy.png'), results)
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
-def _save_figure(path: str, fig: Any) -> None:
-  buf = io.BytesIO()
-  fig.savefig(buf, format='png', dpi=100, bbox_inches='tight')
-  _write_atomic(path, buf.getvalue())
 
 
 def plot_continual(path: str, results: dict) -> None:
@@ -554,7 +541,7 @@ def plot_continual(path: str, results: dict) -> None:
   ax.set_title(f'continual merging, mean ± std over {results["num_orders"]} orders')
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
-  _save_figure(path, fig)
+  report.save_figure(path, fig)
 
 
 def plot_static(path: str, results: dict) -> None:
@@ -576,7 +563,7 @@ def plot_static(path: str, results: dict) -> None:
   ax.set_xticks(range(r.shape[1]), results['tasks'], rotation=45, ha='right', fontsize=8)
   ax.set_yticks(range(r.shape[0]), names, fontsize=8)
   ax.set_title('per-task accuracy of each static merge')
-  _save_figure(path, fig)
+  report.save_figure(path, fig)
 
 
 # --------------------------------------------------------------------------------------------

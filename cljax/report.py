@@ -17,7 +17,8 @@ import numpy as np
 SUMMARY_COLUMNS = ('method', 'acc', 'bwt', 'fwt', 'forgetting', 'wall_time_s')
 
 
-def _replace_atomic(path: str, data: bytes) -> None:
+def write_bytes(path: str, data: bytes) -> None:
+  """Writes ``data`` to ``path`` through a temporary file and a rename."""
   tmp = f'{path}.tmp-{os.getpid()}'
   with open(tmp, 'wb') as f:
     f.write(data)
@@ -26,7 +27,7 @@ def _replace_atomic(path: str, data: bytes) -> None:
 
 def write_json(path: str, obj: Any) -> None:
   """Writes ``obj`` as indented JSON to ``path`` atomically."""
-  _replace_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + '\n').encode())
+  write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + '\n').encode())
 
 
 def plot_accuracy_matrix(path: str, accuracy_matrix: np.ndarray, *, title: str = '') -> None:
@@ -49,9 +50,14 @@ def plot_accuracy_matrix(path: str, accuracy_matrix: np.ndarray, *, title: str =
   ax.set_xlabel('evaluated on task j')
   ax.set_ylabel('after training task i')
   ax.set_title(title or 'accuracy matrix R[i, j]')
+  save_figure(path, fig)
+
+
+def save_figure(path: str, fig: Any) -> None:
+  """Saves a matplotlib figure as PNG to ``path`` atomically."""
   buf = io.BytesIO()
   fig.savefig(buf, format='png', dpi=100, bbox_inches='tight')
-  _replace_atomic(path, buf.getvalue())
+  write_bytes(path, buf.getvalue())
 
 
 def summary_rows(results: Mapping[str, Mapping[str, Any]]) -> list[dict]:
@@ -79,10 +85,10 @@ def write_summary(workdir: str, results: Mapping[str, Mapping[str, Any]], *, tit
   rows = summary_rows(results)
   text = (f'# {title}\n\nACC, BWT, FWT and forgetting in percentage points (GEM / Chaudhry '
           'definitions, see cljax.metrics); wall time in seconds.\n\n' + markdown_table(rows))
-  _replace_atomic(os.path.join(workdir, 'summary.md'), text.encode())
+  write_bytes(os.path.join(workdir, 'summary.md'), text.encode())
   buf = io.StringIO()
   writer = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS, lineterminator='\n')
   writer.writeheader()
   writer.writerows(rows)
-  _replace_atomic(os.path.join(workdir, 'summary.csv'), buf.getvalue().encode())
+  write_bytes(os.path.join(workdir, 'summary.csv'), buf.getvalue().encode())
   return rows
