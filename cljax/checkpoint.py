@@ -5,6 +5,11 @@ state, method state, PRNG key data: anything with fixed shapes known before rest
 ``meta`` dict (accuracy-matrix rows so far, wall time, the config). Orbax writes each step to a
 temporary directory and renames it when complete, so an interrupted save leaves no partial step
 that a resume could pick up.
+
+`PyTreeArrays` reads the arrays of any Orbax PyTree checkpoint one at a time (for `cljax-merge`):
+a folder written by ``PyTreeCheckpointer`` / ``StandardCheckpointer``, or one step of a
+`StageCheckpointer` (its ``state`` item). Arrays are named by their '/'-joined pytree paths, as
+`cljax.paths.path_str` writes them.
 """
 
 from __future__ import annotations
@@ -12,8 +17,12 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping, NamedTuple, Optional
 
+from etils import epath
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+from cljax import paths
 
 PyTree = Any
 
@@ -81,3 +90,179 @@ class StageCheckpointer:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+# ------------------------------------------------------------------------------------------
+# Reading single arrays of an Orbax PyTree checkpoint
+# ------------------------------------------------------------------------------------------
+
+PYTREE_METADATA_FILE = '_METADATA'   # the tree metadata every Orbax PyTree item folder holds
+
+
+class ArrayInfo(NamedTuple):
+  """An array's shape (tuple of ints) and NumPy dtype (ml_dtypes for bfloat16 / float8)."""
+
+  shape: tuple
+  dtype: np.dtype
+
+
+def _check_finished(path: str) -> None:
+  """Raises if ``path`` or a folder above it is an unfinished Orbax save (a temporary folder)."""
+  for part in path.split(os.sep):
+    if ocp.utils.TMP_DIR_SUFFIX in part:
+      raise ValueError(f'{path} is an unfinished Orbax save (a temporary folder, '
+                       f'{ocp.utils.TMP_DIR_SUFFIX}*); use a finished checkpoint')
+
+
+def pytree_directory(path: str) -> str:
+  """The PyTree item folder of an Orbax checkpoint: ``path`` itself or its single PyTree item.
+
+  Accepted: a folder holding ``_METADATA`` (written by ``PyTreeCheckpointer().save`` or
+  ``StandardCheckpointer().save``, or an item folder of a step such as ``<stage dir>/3/state``),
+  or a step folder holding exactly one such item (a `StageCheckpointer` step, ``<stage dir>/3``:
+  its ``state``; ``meta`` is JSON).
+
+  Args:
+    path: the folder.
+
+  Returns:
+    The absolute path of the item folder.
+
+  Raises:
+    FileNotFoundError: ``path`` is not a folder.
+    ValueError: an unfinished (temporary) save; a step with several PyTree items; a checkpoint
+      manager's root folder (numbered steps: the error names the latest step's folder); no
+      PyTree metadata.
+  """
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'{path} is not a folder (an Orbax checkpoint is one)')
+  _check_finished(path)
+  if os.path.isfile(os.path.join(path, PYTREE_METADATA_FILE)):
+    return path
+  entries = sorted(os.listdir(path))
+  items = [e for e in entries if os.path.isfile(os.path.join(path, e, PYTREE_METADATA_FILE))]
+  if len(items) == 1:
+    return os.path.join(path, items[0])
+  if items:
+    raise ValueError(f'{path} holds several Orbax PyTree items ({", ".join(items)}); point at '
+                     f'one of them, e.g. {os.path.join(path, items[0])}')
+  steps = sorted(int(e) for e in entries if e.isdigit() and os.path.isdir(os.path.join(path, e)))
+  if steps:
+    raise ValueError(f'{path} is an Orbax checkpoint folder with steps {steps}; point at one '
+                     f'step, e.g. {os.path.join(path, str(steps[-1]))}')
+  raise ValueError(f'{path} is not a readable Orbax PyTree checkpoint: no '
+                   f'{PYTREE_METADATA_FILE} file in it or in an item folder inside it')
+
+
+def _array_infos(directory: str, tree: Any) -> tuple:
+  """(name -> ArrayInfo, names of non-array leaves) of a metadata tree."""
+  arrays, skipped = {}, []
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    name = paths.path_str(key_path)
+    if name in arrays:
+      raise ValueError(f'{directory}: two leaves have the path {name!r} '
+                       f'({jax.tree_util.keystr(key_path)} and an earlier one)')
+    dtype, shape = getattr(leaf, 'dtype', None), getattr(leaf, 'shape', None)
+    if dtype is None or shape is None:   # strings and other non-array leaves
+      skipped.append(name)
+      continue
+    arrays[name] = ArrayInfo(tuple(int(d) for d in shape), np.dtype(dtype))
+  return arrays, skipped
+
+
+class PyTreeArrays:
+  """The arrays of an Orbax PyTree checkpoint, listed from its metadata and read one at a time.
+
+  Opening reads only the metadata (the tree, and each array's shape and dtype); `read` restores
+  one array through Orbax (``PyTreeCheckpointHandler.restore`` with every other leaf a
+  ``PLACEHOLDER``, so no other array is read) as a NumPy array of the stored dtype.
+
+  Attributes:
+    directory: the PyTree item folder (see `pytree_directory`).
+    arrays: name -> `ArrayInfo`, in pytree flattening order; names are '/'-joined pytree paths
+      (`cljax.paths.path_str`), e.g. ``'params/Dense_0/kernel'``.
+    skipped: names of leaves that are not arrays (strings), which `read` does not return.
+  """
+
+  def __init__(self, path: str):
+    """Opens the checkpoint at ``path`` (see `pytree_directory` for the layouts accepted).
+
+    Raises:
+      FileNotFoundError: ``path`` is not a folder.
+      ValueError: as `pytree_directory`, unreadable metadata (naming the folder and its
+        ``_METADATA`` file), two leaves with the same '/'-joined path.
+    """
+    self.directory = pytree_directory(path)
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+      tree = handler.metadata(epath.Path(self.directory)).tree
+    except Exception as e:   # Orbax raises many types for corrupt or partial folders
+      raise ValueError(f'{self.directory} is not a readable Orbax PyTree checkpoint (reading '
+                       f'{os.path.join(self.directory, PYTREE_METADATA_FILE)} and the arrays\' '
+                       f'metadata failed): {type(e).__name__}: {e}') from e
+    finally:
+      handler.close()
+    self._leaves, self._treedef = jax.tree.flatten(tree)
+    self.arrays, self.skipped = _array_infos(self.directory, tree)
+    names = paths.leaf_paths(tree)
+    self._index = {n: i for i, n in enumerate(names) if n in self.arrays}
+
+  def __repr__(self) -> str:
+    return f'PyTreeArrays({self.directory!r}, {len(self.arrays)} arrays)'
+
+  def _restore_tree(self, i: int, leaf: Any) -> Any:
+    return jax.tree.unflatten(self._treedef, [leaf if j == i else ocp.PLACEHOLDER
+                                              for j in range(len(self._leaves))])
+
+  def read(self, name: str) -> np.ndarray:
+    """Restores the array ``name`` alone.
+
+    Args:
+      name: its '/'-joined path (a key of `arrays`).
+
+    Returns:
+      A NumPy array of the stored shape and dtype.
+
+    Raises:
+      KeyError: no array of that name (the error names the folder).
+      ValueError: Orbax cannot read it (missing or corrupt data), or it does not match its
+        metadata; the error names the folder and the array.
+    """
+    if name not in self.arrays:
+      raise KeyError(f'{self.directory} has no array {name!r}')
+    i = self._index[name]
+    args = ocp.args.PyTreeRestore(
+        item=self._restore_tree(i, self._leaves[i]),
+        restore_args=self._restore_tree(i, ocp.RestoreArgs(restore_type=np.ndarray)))
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+      restored = handler.restore(epath.Path(self.directory), args=args)
+    except Exception as e:   # tensorstore / Orbax errors for missing or corrupt data
+      raise ValueError(f'{self.directory}: array {name!r} cannot be read: '
+                       f'{type(e).__name__}: {e}') from e
+    finally:
+      handler.close()
+    leaves = jax.tree.leaves(restored)   # the other leaves are PLACEHOLDERs
+    if len(leaves) != len(self._leaves):
+      raise ValueError(f'{self.directory}: restoring array {name!r} returned a tree of '
+                       f'{len(leaves)} leaves instead of {len(self._leaves)}')
+    x = np.asarray(leaves[i])
+    info = self.arrays[name]
+    if x.shape != info.shape or x.dtype != info.dtype:
+      raise ValueError(f'{self.directory}: array {name!r} was restored with shape {x.shape} and '
+                       f'dtype {x.dtype}, but its metadata says {info.shape} {info.dtype}')
+    return x
+
+
+def list_arrays(path: str) -> dict:
+  """name -> `ArrayInfo` of the arrays of an Orbax PyTree checkpoint (see `PyTreeArrays`)."""
+  return PyTreeArrays(path).arrays
+
+
+def read_array(path: str, name: str) -> np.ndarray:
+  """One array of an Orbax PyTree checkpoint, restored alone (see `PyTreeArrays.read`).
+
+  Reads the checkpoint's metadata first; to read many arrays, open a `PyTreeArrays` once.
+  """
+  return PyTreeArrays(path).read(name)

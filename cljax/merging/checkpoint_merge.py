@@ -1,13 +1,15 @@
-"""Out-of-core merging of safetensors checkpoints into a Hugging Face folder (`cljax-merge`).
+"""`cljax-merge`'s engine: out-of-core merging of safetensors or Orbax checkpoints into HF folders.
 
 `merge_checkpoints` merges tensor by tensor, and large tensors block by block (rows of at most
 ``block_entries`` entries), across the base and every model: each block is read from every model
 (`cljax.merging.safetensors_reader`, upcast to float32), merged by the library call its
 `cljax.merging.recipes.Recipe` names, cast to the output dtype and appended to its shard
 (`cljax.merging.safetensors_writer`). No model is ever loaded whole: memory holds one block per
-model, the merged block and the library's temporaries, with two exceptions: per-tensor TIES holds
+model, the merged block and the library's temporaries, with three exceptions: per-tensor TIES holds
 the tensor being merged from every model (its thresholds need the whole tensor, and holding it
-reads the disk once), and continual TIES and OPCM merge whole tensors (one model at a time).
+reads the disk once), continual TIES and OPCM merge whole tensors (one model at a time), and an
+Orbax input holds the tensor being read whole (Orbax stores it as one chunk; see
+`cljax.merging.safetensors_reader.OrbaxCheckpoint`).
 Passes over the data:
 
   * TIES with ``trim: global``: two passes first for each model's exact threshold over the whole
@@ -197,8 +199,11 @@ class _Source:
     self.ckpt, self.name = ckpt, name
     self._data = None
     self.bytes_read = 0
-    if whole_blocks is not None:   # read block by block into one array: a whole-tensor read
-      info = ckpt.tensors[name]    # would map all its file pages at once (counted in RSS)
+    if whole_blocks is not None and ckpt.holds_whole_tensors:   # Orbax: held anyway, no copy
+      self._data = ckpt.read(name)
+      self.bytes_read = self._data.nbytes
+    elif whole_blocks is not None:   # read block by block into one array: a whole-tensor read
+      info = ckpt.tensors[name]      # would map all its file pages at once (counted in RSS)
       self._data = np.empty(info.shape, info.dtype)
       for rows in whole_blocks:
         if rows[0] is None:
@@ -452,7 +457,7 @@ def merge_checkpoints(config: mergekit_config.MergeConfig, output: str, *,
                       force: bool = False, seed: int = 0, progress: bool = True,
                       block_entries: int = DEFAULT_BLOCK_ENTRIES,
                       config_text: Optional[str] = None) -> MergeSummary:
-  """Merges safetensors checkpoints out of core into a Hugging Face folder.
+  """Merges safetensors or Orbax checkpoints out of core into a Hugging Face folder.
 
   Args:
     config: the checked merge config (`cljax.merging.mergekit_config.load_config`).
@@ -477,7 +482,7 @@ def merge_checkpoints(config: mergekit_config.MergeConfig, output: str, *,
   Raises:
     FileNotFoundError: an input path does not exist.
     FileExistsError: ``output`` exists and ``force`` is False.
-    ValueError: bad config values, unreadable or Orbax inputs, tensor names / shapes differing
+    ValueError: bad config values, unreadable inputs, tensor names / shapes differing
       between models (naming the tensor), NaN/Inf in a model (naming the tensor), an exclude
       pattern matching nothing, an output overlapping an input.
   """

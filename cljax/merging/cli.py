@@ -1,4 +1,4 @@
-"""`cljax-merge`: merge safetensors checkpoints out of core from a mergekit-style YAML config.
+"""`cljax-merge`: merge safetensors / Orbax checkpoints out of core from a mergekit-style YAML.
 
   cljax-merge merge.yml ./merged-model [--dtype bfloat16] [--max-shard-size 5GB] [--force]
   python -m cljax.merging.cli merge.yml ./merged-model
@@ -26,8 +26,9 @@ PROG = 'cljax-merge'
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog=PROG,
-      description='Merge Hugging Face safetensors checkpoints out of core (one tensor block at a '
-                  'time) with cljax.merging, from a mergekit-style YAML config.',
+      description='Merge Hugging Face safetensors or Orbax checkpoints out of core (one tensor '
+                  'block at a time) with cljax.merging, from a mergekit-style YAML config, into '
+                  'a Hugging Face safetensors folder.',
       epilog='Methods: ' + ', '.join(mergekit_config.METHODS) + '. See the README section '
              '"Merging checkpoints out of core" for the config keys and the differences from '
              'mergekit.')

@@ -18,10 +18,12 @@ A mergekit user can bring an existing file::
 Accepted keys. Top level: ``merge_method``, ``base_model``, ``models``, ``parameters``, ``dtype``,
 ``out_dtype``, ``tokenizer_source: base`` (what cljax-merge does anyway) and cljax's ``exclude``
 (regexes over tensor names, `re.fullmatch`; those tensors keep the base's values). Per model:
-``model`` (a local folder or .safetensors file) and ``parameters`` with ``weight`` and
-``density``. Global ``parameters``: ``lambda``, ``normalize``, ``weight`` and ``density`` (defaults
+``model`` (a local Hugging Face folder, .safetensors file or Orbax checkpoint folder) and
+``parameters`` with ``weight`` and ``density`` (each model may have its own, for TIES and DARE
+alike). Global ``parameters``: ``lambda``, ``normalize``, ``weight`` and ``density`` (defaults
 for every model, as in mergekit), ``int8_mask`` (a mergekit memory option; ignored), ``rescale``
-(must stay true for DARE) and cljax's ``trim`` (``per_tensor`` as mergekit, or ``global`` as the
+(DARE: true, the default, divides the kept entries by the density, false keeps them as they are;
+TIES: must stay false) and cljax's ``trim`` (``per_tensor`` as mergekit, or ``global`` as the
 TIES paper), ``reduce`` (continual_ties) and ``alpha`` (opcm).
 
 Anything else is an error naming the key: mergekit's ``slices``/``modules``, gradients or filtered
@@ -30,7 +32,8 @@ A parameter mergekit would silently ignore for the chosen method (e.g. ``density
 ``linear``) is ignored with a warning; for cljax's own methods an unused parameter is an error.
 
 Defaults follow mergekit: ``weight`` 1 (mergekit requires it), ``density`` 1, ``lambda`` 1,
-``normalize`` true for linear and ties, false for task_arithmetic, dare_ties and dare_linear.
+``normalize`` true for linear and ties, false for task_arithmetic, dare_ties and dare_linear,
+``rescale`` true for DARE.
 """
 
 from __future__ import annotations
@@ -85,8 +88,8 @@ class ModelSpec(NamedTuple):
   """One model to merge.
 
   Attributes:
-    path: local folder or .safetensors file (as written in the config; relative paths are
-      relative to the working directory, as in mergekit).
+    path: local Hugging Face folder, .safetensors file or Orbax checkpoint folder (as written in
+      the config; relative paths are relative to the working directory, as in mergekit).
     weight: mergekit's per-model ``weight``.
     density: mergekit's per-model ``density`` (fraction kept by TIES's trim or DARE's drop).
     key: where it came from in the config, e.g. ``'models[2]'`` (for errors).
@@ -115,6 +118,8 @@ class MergeConfig(NamedTuple):
     dtype: output dtype of floating tensors ('float32', 'bfloat16', 'float16'), or None to keep
       each tensor's dtype in the base model.
     exclude: regexes over tensor names whose tensors keep the base's values.
+    rescale: DARE divides the entries it keeps by their model's density (mergekit's
+      ``rescale``; Yu et al. 2024); False keeps them unscaled.
   """
 
   method: str
@@ -127,6 +132,7 @@ class MergeConfig(NamedTuple):
   alpha: float = 0.5
   dtype: Optional[str] = None
   exclude: tuple = ()
+  rescale: bool = True
 
 
 def _error(source: str, key: str, message: str) -> ValueError:
@@ -168,8 +174,9 @@ def _same_path(a: str, b: str) -> bool:
 
 def _model_path(value: Any, source: str, key: str) -> str:
   if not isinstance(value, str) or not value:
-    raise _error(source, key, 'must be a path (a local folder or .safetensors file); LoRA '
-                 f'references and model mappings are not supported (got {value!r})')
+    raise _error(source, key, 'must be a path (a local folder, .safetensors file or Orbax '
+                 'checkpoint folder); LoRA references and model mappings are not supported '
+                 f'(got {value!r})')
   return value
 
 
@@ -239,9 +246,6 @@ def _global_parameters(raw: Any, method: str, source: str) -> tuple:
       settings[k] = given[key] = _number(v, source, key)
   if 'alpha' in settings and not 0.0 < settings['alpha'] <= 1.0:
     raise _error(source, 'parameters.alpha', f'must lie in (0, 1]; got {settings["alpha"]}')
-  if settings.get('rescale') is False and method in ('dare_ties', 'dare_linear'):
-    raise _error(source, 'parameters.rescale', 'false is not supported: cljax\'s DARE always '
-                 'rescales the kept entries by 1 / density (Yu et al. 2024)')
   if settings.get('rescale') is True and method == 'ties':
     raise _error(source, 'parameters.rescale', 'true is not supported for ties (mergekit\'s '
                  'L1 rescaling after the magnitude trim)')
@@ -281,8 +285,8 @@ def parse_config(raw: Any, *, source: str = '<config>') -> MergeConfig:
   Raises:
     ValueError: naming the offending key: unknown or unsupported keys, methods or parameter
       values, gradients/filters, a missing base model for a task-vector method, no model left to
-      merge, weights summing to 0 under ``normalize``, per-model values cljax's merge cannot
-      express (see the README's "Differences from mergekit").
+      merge, weights summing to 0 under ``normalize`` (linear, task_arithmetic, dare_linear),
+      ``rescale: true`` for ties (see the README's "Differences from mergekit").
   """
   raw = _mapping(raw, source, '<top level>')
   for k in raw:
@@ -324,7 +328,7 @@ def parse_config(raw: Any, *, source: str = '<config>') -> MergeConfig:
       scaling=settings.get('lambda', 1.0), normalize=normalize,
       trim=settings.get('trim', 'per_tensor'), reduce=settings.get('reduce', 'sum'),
       alpha=settings.get('alpha', 0.5), dtype=_dtype(raw, source),
-      exclude=_exclude(raw.get('exclude'), source))
+      exclude=_exclude(raw.get('exclude'), source), rescale=settings.get('rescale', True))
 
 
 def load_config(path: str) -> MergeConfig:

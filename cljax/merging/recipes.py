@@ -18,19 +18,30 @@ c_i = w_i / sum_j w_j under ``normalize`` (else w_i):
                       summed mass, disjoint mean under normalize, else the disjoint sum of
                       w_i-weighted entries), then base + lambda * merged. With equal densities
                       and weights, normalize and the same trim mode, this is `static.ties`
-                      exactly (tested). Unequal weights under normalize are refused: mergekit's
-                      weighted disjoint mean is not a library merge.
-  dare_linear         one density d for all models (drop rate p = 1 - d). Equal c_i:
-                      `static.dare` (task arithmetic, scaling lambda c); else
+                      exactly (tested). Unequal weights under normalize: mergekit's weighted
+                      disjoint mean (below), composed here (not a library merge).
+  dare_linear         drop: model i keeps each entry of tau_i with probability d_i (its
+                      density) and divides the kept ones by d_i (``rescale``, default; else
+                      keeps them as they are). One density and rescale: `static.dare`
+                      (task arithmetic, scaling lambda c) for equal c_i, else
                       `static.dare_task_vectors` then base + lambda sum_i c_i dare(tau_i).
-  dare_ties           one density d. normalize with equal weights: `static.dare` (merge='ties',
-                      density 1); else `static.dare_task_vectors`, weights, and the disjoint
-                      sum of `static.ties_task_vectors`, then base + lambda * merged.
+                      Per-model densities or no rescale: the same with `_dare_drop`.
+  dare_ties           the drop as dare_linear, then sign election over w_i dare(tau_i):
+                      normalize with equal weights and one density (rescaled): `static.dare`
+                      (merge='ties', density 1); else the disjoint sum of
+                      `static.ties_task_vectors` (no normalize), its disjoint mean (normalize,
+                      equal weights) or the weighted disjoint mean (normalize, unequal
+                      weights); then base + lambda * merged.
   magmax              `static.magmax` (scaling lambda).
   continual_*, opcm   the `cljax.merging.continual` merge's init / update (one model at a time)
                       / params on each block; OPCM's final rescaling uses the norms of the
                       whole model (computed in a first pass), continual_ties trims per tensor.
   ==================  =======================================================================
+
+Weighted disjoint mean (mergekit's ``normalize`` for TIES and DARE-TIES): with x_i = w_i tau_i
+(trimmed or dropped), gamma = sign(sum_i x_i) and A = {i : sign(x_i) = gamma, x_i != 0} per
+entry, merged = sum_{i in A} x_i / sum_{i in A} w_i (0 where A is empty; a zero denominator is
+taken as 1, as mergekit does). With equal weights it is the disjoint mean.
 
 TIES thresholds: t_i is the k-th largest |tau_i| with k = round(density_i * count) over the
 tensor ('per_tensor', mergekit) or over every merged tensor ('global', the paper); entries with
@@ -39,7 +50,9 @@ streaming radix selection (`cljax.merging.magnitude_select`) and passes it in.
 
 DARE keys: block j of tensor ``name`` (rows [j R, (j + 1) R)) draws its masks with
 ``fold_in(fold_in(key(seed), h), j)``, h the first 4 bytes (little-endian) of SHA-256(name);
-the library then gives model i ``split(block_key, n)[i]``. See `dare_key`.
+model i then uses ``split(block_key, n)[i]`` (the library's draw; `_dare_drop` draws the same
+masks for per-model densities: ``bernoulli(split(block_key, n)[i], d_i, (size,))`` reshaped to
+the block, so equal densities give the library's masks bit for bit). See `dare_key`.
 
 Everything is computed in float32: blocks arrive upcast, results are float32 blocks.
 
@@ -158,26 +171,90 @@ def _weighted_task_arithmetic(base, models, coefficients, scaling):
   return optax.tree.add_scale(base, scaling, tv)
 
 
+def _weighted_disjoint_mean(xs: Sequence[jax.Array], weights: jax.Array) -> jax.Array:
+  """mergekit's normalized sign-consensus merge of n weighted blocks (module docstring).
+
+  Args:
+    xs: n float32 arrays of one shape, x_i = w_i * (trimmed or dropped) tau_i.
+    weights: float32 (n,), the w_i.
+
+  Returns:
+    float32 array of that shape: sum_{i in A} x_i / sum_{i in A} w_i per entry.
+  """
+  sign = jnp.sign(functools.reduce(jnp.add, xs))
+  agree = [(jnp.sign(x) == sign) & (x != 0) for x in xs]
+  zero = jnp.zeros_like(xs[0])
+  total = functools.reduce(jnp.add, [jnp.where(a, x, zero) for a, x in zip(agree, xs)])
+  mass = functools.reduce(jnp.add, [jnp.where(a, weights[i], zero) for i, a in enumerate(agree)])
+  return total / jnp.where(mass == 0, jnp.ones_like(mass), mass)
+
+
+def _sign_consensus(xs: Sequence[jax.Array], weights: jax.Array, reduce: Optional[str]):
+  """Merges n task-vector blocks: plain sum (None), TIES's disjoint 'sum' / 'mean'
+  (`static.ties_task_vectors` with density 1), or mergekit's 'weighted_mean'."""
+  if reduce is None:
+    return functools.reduce(jnp.add, xs)
+  if reduce == 'weighted_mean':
+    return _weighted_disjoint_mean(xs, weights)
+  return static.ties_task_vectors([{'x': x} for x in xs], density=1.0, reduce=reduce)['x']
+
+
 @functools.partial(jax.jit, static_argnames=('reduce', 'weighted'))
 def _ties_block(base, models, thresholds, coefficients, scaling, *, reduce, weighted):
   trimmed = []
   for i, m in enumerate(models):
     tv = m - base
     tv = jnp.where(jnp.abs(tv) >= thresholds[i], tv, jnp.zeros_like(tv))
-    trimmed.append({'x': coefficients[i] * tv if weighted else tv})
-  merged = static.ties_task_vectors(trimmed, density=1.0, reduce=reduce)['x']
-  return optax.tree.add_scale(base, scaling, merged)
+    trimmed.append(coefficients[i] * tv if weighted else tv)
+  return optax.tree.add_scale(base, scaling, _sign_consensus(trimmed, coefficients, reduce))
 
 
-@functools.partial(jax.jit, static_argnames=('drop_rate', 'reduce', 'weighted'))
-def _dare_block(key, base, models, coefficients, scaling, *, drop_rate, reduce, weighted):
-  dropped = static.dare_task_vectors(key, [{'x': m - base} for m in models], drop_rate=drop_rate)
-  xs = [coefficients[i] * d['x'] if weighted else d['x'] for i, d in enumerate(dropped)]
-  if reduce is None:
-    merged = functools.reduce(jnp.add, xs)
-  else:
-    merged = static.ties_task_vectors([{'x': x} for x in xs], density=1.0, reduce=reduce)['x']
-  return optax.tree.add_scale(base, scaling, merged)
+def _dare_drop(key: jax.Array, tvs: Sequence[jax.Array], densities: tuple,
+               rescale: bool) -> list:
+  """DARE's random drop with one density per model, optionally without the rescale.
+
+  Model i keeps each entry with probability d_i = ``densities[i]`` (mask
+  ``bernoulli(split(key, n)[i], d_i, (size,))`` reshaped to the block) and divides the kept
+  entries by d_i if ``rescale``. d_i = 1 keeps everything, d_i = 0 nothing. With one density
+  and ``rescale``, this is `static.dare_task_vectors` with drop rate 1 - d (which is called).
+
+  Args:
+    key: the block's PRNG key.
+    tvs: n float32 task-vector blocks of one shape.
+    densities: n Python floats in [0, 1].
+    rescale: divide kept entries by their density.
+
+  Returns:
+    n float32 arrays like ``tvs``.
+
+  References:
+    Yu et al., ICML 2024, Sec. 3 (drop with p = 1 - d_i, rescale by 1 / (1 - p)); mergekit's
+    per-model ``density`` and ``rescale``.
+  """
+  if _all_equal(densities) and rescale:
+    dropped = static.dare_task_vectors(key, [{'x': tv} for tv in tvs],
+                                       drop_rate=1.0 - densities[0])
+    return [d['x'] for d in dropped]
+  keys = jax.random.split(key, len(tvs))
+  out = []
+  for k, tv, d in zip(keys, tvs, densities):
+    if d >= 1.0:
+      out.append(tv)
+    elif d <= 0.0:
+      out.append(jnp.zeros_like(tv))
+    else:
+      keep = 1.0 - (1.0 - d)   # the library's keep probability for drop rate 1 - d, bit for bit
+      mask = jax.random.bernoulli(k, keep, (tv.size,)).reshape(tv.shape)
+      out.append(jnp.where(mask, tv / keep if rescale else tv, jnp.zeros_like(tv)))
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=('densities', 'rescale', 'reduce', 'weighted'))
+def _dare_block(key, base, models, coefficients, scaling, *, densities, rescale, reduce,
+                weighted):
+  dropped = _dare_drop(key, [m - base for m in models], densities, rescale)
+  xs = [coefficients[i] * x if weighted else x for i, x in enumerate(dropped)]
+  return optax.tree.add_scale(base, scaling, _sign_consensus(xs, coefficients, reduce))
 
 
 def _checked(fn: Callable) -> Callable[[Block], np.ndarray]:
@@ -233,13 +310,15 @@ def _task_arithmetic(config) -> Recipe:
                 _checked(lambda b: _weighted_task_arithmetic(b.base, list(b.models), cs, scaling)))
 
 
+_REDUCE_NAMES = {None: 'sum', 'sum': 'disjoint sum', 'mean': 'disjoint mean',
+                 'weighted_mean': 'weighted disjoint mean'}
+
+
 def _ties(config) -> Recipe:
   weights = [m.weight for m in config.models]
-  if config.normalize:
-    if not _all_equal(weights):
-      raise ValueError(f'ties with normalize: true needs equal weights (the library\'s TIES '
-                       f'disjoint mean is unweighted): {_first_different(config, "weight")}; use '
-                       f'equal weights, or normalize: false for the weighted disjoint sum')
+  if config.normalize and not _all_equal(weights):
+    weighted, reduce, scaling = True, 'weighted_mean', config.scaling
+  elif config.normalize:
     weighted, reduce, scaling = False, 'mean', config.scaling
   elif _all_equal(weights):
     weighted, reduce, scaling = False, 'sum', config.scaling * weights[0]
@@ -252,44 +331,53 @@ def _ties(config) -> Recipe:
     return _ties_block(b.base, list(b.models), t, cs, s, reduce=reduce, weighted=weighted)
 
   densities = tuple(m.density for m in config.models)
-  return Recipe(f'TIES: {config.trim} trim (densities {list(densities)}), '
-                f'static.ties_task_vectors(reduce={reduce!r}){", weighted" if weighted else ""}, '
+  if reduce == 'weighted_mean':
+    merged = f'weighted disjoint mean (sum_i w_i tau_i / sum_i w_i over agreeing entries, ' \
+             f'w = {weights})'
+  else:
+    merged = f'static.ties_task_vectors(reduce={reduce!r}){", weighted" if weighted else ""}'
+  return Recipe(f'TIES: {config.trim} trim (densities {list(densities)}), {merged}, '
                 f'scaling {scaling:g}', _checked(merge), densities=densities, trim=config.trim)
 
 
-def _dare(config) -> Recipe:
-  densities = [m.density for m in config.models]
-  if not _all_equal(densities):
-    raise ValueError(f'{config.method} needs one density for all models (the library\'s DARE '
-                     f'has one drop rate): {_first_different(config, "density")}')
-  drop_rate = 1.0 - densities[0]
+def _dare_reduce(config, ties_merge: bool) -> tuple:
+  """(coefficients, reduce, weighted, scaling) of the merge after DARE's drop."""
   weights = [m.weight for m in config.models]
-  ties_merge = config.method == 'dare_ties'
   if ties_merge and config.normalize:
-    if not _all_equal(weights):
-      raise ValueError(f'dare_ties with normalize: true needs equal weights (the library\'s '
-                       f'TIES disjoint mean is unweighted): {_first_different(config, "weight")}')
-    merge = _library(static.dare, with_key=True, drop_rate=drop_rate, scaling=config.scaling,
-                     merge='ties')
-    return Recipe(f"static.dare(drop_rate={drop_rate:g}, merge='ties', "
-                  f'scaling={config.scaling:g})', merge, uses_key=True)
-  c = list(_coefficients(config)) if not ties_merge else weights
-  if _all_equal(c) and not ties_merge:
-    scaling = config.scaling * c[0]
-    merge = _library(static.dare, with_key=True, drop_rate=drop_rate, scaling=scaling)
-    return Recipe(f"static.dare(drop_rate={drop_rate:g}, merge='task_arithmetic', "
-                  f'scaling={scaling:g})', merge, uses_key=True)
-  weighted = not _all_equal(c)
-  scaling = config.scaling if weighted else config.scaling * c[0]
+    if _all_equal(weights):
+      return weights, 'mean', False, config.scaling
+    return weights, 'weighted_mean', True, config.scaling
+  c = weights if ties_merge else list(_coefficients(config))
   reduce = 'sum' if ties_merge else None
+  if _all_equal(c):   # fold the common coefficient into the scaling
+    return c, reduce, False, config.scaling * c[0]
+  return c, reduce, True, config.scaling
+
+
+def _dare(config) -> Recipe:
+  densities = tuple(m.density for m in config.models)
+  ties_merge = config.method == 'dare_ties'
+  one_drop = _all_equal(densities) and config.rescale
+  c, reduce, weighted, scaling = _dare_reduce(config, ties_merge)
+  if one_drop:
+    drop_rate = 1.0 - densities[0]
+    if reduce == 'mean' or (reduce is None and not weighted):
+      merge = 'ties' if ties_merge else 'task_arithmetic'
+      fn = _library(static.dare, with_key=True, drop_rate=drop_rate, scaling=scaling, merge=merge)
+      return Recipe(f"static.dare(drop_rate={drop_rate:g}, merge={merge!r}, "
+                    f'scaling={scaling:g})', fn, uses_key=True)
+    drop = f'static.dare_task_vectors(drop_rate={drop_rate:g})'
+  else:
+    drop = (f'DARE drop per model (densities {list(densities)}, '
+            f'{"rescaled by 1 / density" if config.rescale else "not rescaled"})')
   cs, s = jnp.asarray(c, jnp.float32), jnp.float32(scaling)
 
   def merge(b: Block) -> np.ndarray:
-    return _dare_block(b.key, b.base, list(b.models), cs, s, drop_rate=drop_rate, reduce=reduce,
-                 weighted=weighted)
+    return _dare_block(b.key, b.base, list(b.models), cs, s, densities=densities,
+                       rescale=config.rescale, reduce=reduce, weighted=weighted)
 
-  return Recipe(f'static.dare_task_vectors(drop_rate={drop_rate:g}), '
-                f'{"disjoint sum" if ties_merge else "sum"}{", weighted" if weighted else ""}, '
+  weights_note = ', weighted' if weighted and reduce != 'weighted_mean' else ''
+  return Recipe(f'{drop}, {_REDUCE_NAMES[reduce]}{weights_note}, '
                 f'scaling {scaling:g}', _checked(merge), uses_key=True)
 
 
@@ -303,8 +391,8 @@ def make_recipe(config: mergekit_config.MergeConfig) -> Recipe:
     A `Recipe`.
 
   Raises:
-    ValueError: per-model values the library's merge cannot express (unequal weights with a
-      normalized TIES, unequal DARE densities), naming the ``models[i].parameters`` key.
+    ValueError: unequal densities for continual_ties (one density per merge), naming the
+      ``models[i].parameters`` key; an unknown method.
   """
   method = config.method
   if method == 'linear':

@@ -15,9 +15,16 @@ Layouts accepted:
     a name in two files is an error);
   * a single ``.safetensors`` file.
 
+  * an Orbax PyTree checkpoint (`OrbaxCheckpoint`): a folder written by
+    ``orbax.checkpoint.PyTreeCheckpointer().save`` or ``StandardCheckpointer().save``, one step
+    of a `cljax.checkpoint.StageCheckpointer` (``<dir>/<step>``, whose ``state`` item is read),
+    or that step's item folder (``<dir>/<step>/state``). Tensor names are the '/'-joined pytree
+    paths (`cljax.paths.path_str`), e.g. ``params/Dense_0/kernel``; non-array leaves (strings)
+    are left out. Each tensor is restored alone through `cljax.checkpoint.PyTreeArrays` (the
+    only module that imports Orbax, imported here only when an Orbax checkpoint is opened).
+
 bfloat16 (and float8) tensors come back as `ml_dtypes` NumPy dtypes (safetensors' NumPy backend
-uses them), so nothing is converted on read. Orbax checkpoints are recognized and refused with a
-clear error (reading them needs `cljax.checkpoint`, the only module that imports Orbax).
+and Orbax both use them), so nothing is converted on read.
 """
 
 from __future__ import annotations
@@ -82,7 +89,10 @@ class Checkpoint:
     path: the folder or file it was opened from (absolute).
     folder: the model folder (config and tokenizer files live here), or None for a lone file.
     tensors: name -> `TensorInfo`, in storage order (shard by shard, by offset within a shard).
+    holds_whole_tensors: False: every `read` reads just the rows asked for from disk.
   """
+
+  holds_whole_tensors = False
 
   def __init__(self, path: str, folder: Optional[str], tensors: Mapping[str, TensorInfo]):
     self.path = path
@@ -114,8 +124,81 @@ class Checkpoint:
       return f.get_slice(name)[start:stop]
 
 
+class OrbaxCheckpoint(Checkpoint):
+  """An Orbax PyTree checkpoint opened lazily; see `open_checkpoint`.
+
+  Orbax stores an array as one chunk, so a range of rows cannot be read without decoding the
+  whole array: `read` restores the whole tensor alone (`cljax.checkpoint.PyTreeArrays.read`)
+  and keeps it, read-only, until another tensor is read, so that the blocks of one tensor cost
+  one restore. At most one tensor of the checkpoint is held at a time.
+
+  Attributes:
+    path: the folder it was opened from (absolute).
+    folder: None (an Orbax checkpoint has no config or tokenizer files to copy).
+    tensors: name -> `TensorInfo` (``file``: the PyTree item folder), in pytree flattening
+      order.
+    holds_whole_tensors: True: the tensor being read is held whole (see above).
+  """
+
+  holds_whole_tensors = True
+
+  def __init__(self, path: str, arrays):
+    """Wraps ``arrays``, a `cljax.checkpoint.PyTreeArrays`, opened from ``path``.
+
+    Raises:
+      ValueError: an array of a dtype cljax-merge cannot handle (naming the folder and array).
+    """
+    tensors = {}
+    for name, info in arrays.arrays.items():
+      if info.dtype not in DTYPE_NAMES:
+        raise ValueError(f'{arrays.directory}: array {name!r} has dtype {info.dtype}, which '
+                         f'cljax-merge cannot read (supported: '
+                         f'{", ".join(str(d) for d in DTYPE_NAMES)})')
+      tensors[name] = TensorInfo(arrays.directory, info.dtype, info.shape)
+    super().__init__(path, None, tensors)
+    self._arrays = arrays
+    self._held = (None, None)
+
+  def __repr__(self) -> str:
+    return f'OrbaxCheckpoint({self.path!r}, {len(self.tensors)} tensors)'
+
+  def read(self, name: str, start: Optional[int] = None, stop: Optional[int] = None) -> np.ndarray:
+    """Reads a tensor, or rows ``[start, stop)`` of its leading axis (see `Checkpoint.read`).
+
+    Returns:
+      A read-only array of the stored dtype (a view of the held tensor).
+
+    Raises:
+      KeyError: no tensor of that name (the error names the checkpoint).
+      ValueError: Orbax cannot restore it (naming the folder and the tensor).
+    """
+    if name not in self.tensors:
+      raise KeyError(f'{self.path} has no tensor {name!r}')
+    if self._held[0] != name:
+      self._held = (None, None)   # drop the previous tensor before restoring the next
+      x = self._arrays.read(name)
+      x.setflags(write=False)
+      self._held = (name, x)
+    x = self._held[1]
+    if start is None or not x.shape:
+      return x
+    return x[start:stop]
+
+
 def _is_orbax(path: str) -> bool:
-  return os.path.isdir(path) and any(os.path.exists(os.path.join(path, m)) for m in _ORBAX_MARKERS)
+  """An Orbax checkpoint's files in ``path``, or ``path`` is a checkpoint manager's root (numbered
+  step folders holding them)."""
+  def marked(folder):
+    return any(os.path.exists(os.path.join(folder, m)) for m in _ORBAX_MARKERS)
+  if not os.path.isdir(path):
+    return False
+  return marked(path) or any(e.isdigit() and marked(os.path.join(path, e))
+                             for e in os.listdir(path))
+
+
+def _open_orbax(path: str) -> OrbaxCheckpoint:
+  from cljax import checkpoint   # imports Orbax: only when an Orbax checkpoint is read
+  return OrbaxCheckpoint(path, checkpoint.PyTreeArrays(path))
 
 
 def _header(file: str) -> dict:
@@ -181,21 +264,25 @@ def _from_index(folder: str) -> Checkpoint:
 
 
 def open_checkpoint(path: str) -> Checkpoint:
-  """Opens a Hugging Face model folder or a .safetensors file without reading any tensor.
+  """Opens a Hugging Face model folder, a .safetensors file or an Orbax PyTree checkpoint without
+  reading any tensor.
 
   Args:
     path: a folder (with ``model.safetensors.index.json``, ``model.safetensors`` or other
-      ``*.safetensors`` files) or a ``.safetensors`` file.
+      ``*.safetensors`` files), a ``.safetensors`` file, or an Orbax checkpoint folder (see the
+      module docstring; safetensors files take precedence in a folder holding both).
 
   Returns:
-    A `Checkpoint`.
+    A `Checkpoint` (an `OrbaxCheckpoint` for Orbax).
 
   Raises:
     FileNotFoundError: ``path`` does not exist (a Hub name must be downloaded first), or a shard
       named by the index is missing.
-    ValueError: an Orbax checkpoint, a folder without safetensors weights (e.g. only
+    ValueError: a folder without safetensors weights that is no Orbax checkpoint (e.g. only
       ``pytorch_model.bin``), an unreadable file, an index that disagrees with its shards, a tensor
-      stored twice, or an unsupported dtype; the error names the file.
+      stored twice, an unsupported dtype, an unreadable, unfinished or ambiguous Orbax checkpoint
+      (a checkpoint manager's root folder: the error names a step folder to use instead); the
+      error names the file or folder.
   """
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.exists(path):
@@ -211,8 +298,6 @@ def open_checkpoint(path: str) -> Checkpoint:
   if files:
     return _from_files(path, path, files)
   if _is_orbax(path):
-    raise ValueError(f'{path} looks like an Orbax checkpoint; cljax-merge reads safetensors only '
-                     f'(restore it with cljax.checkpoint and save the params with '
-                     f'safetensors.numpy.save_file first)')
+    return _open_orbax(path)
   raise ValueError(f'{path} holds no .safetensors weights (PyTorch .bin checkpoints are not read; '
                    f'convert them to safetensors first)')

@@ -87,9 +87,10 @@ def test_single_file_and_unindexed_folder(tmp_path):
 def test_bad_inputs_name_the_file(tmp_path):
   with pytest.raises(FileNotFoundError, match='huggingface-cli download'):
     safetensors_reader.open_checkpoint(str(tmp_path / 'meta-llama' / 'Llama-3-8B'))
-  (tmp_path / 'orbax').mkdir()
+  (tmp_path / 'orbax').mkdir()   # a step's metadata without any PyTree item
   (tmp_path / 'orbax' / '_CHECKPOINT_METADATA').write_text('{}')
-  with pytest.raises(ValueError, match='Orbax'):
+  with pytest.raises(ValueError, match=r'orbax is not a readable Orbax PyTree checkpoint: no '
+                                       r'_METADATA'):
     safetensors_reader.open_checkpoint(str(tmp_path / 'orbax'))
   (tmp_path / 'torch').mkdir()
   (tmp_path / 'torch' / 'pytorch_model.bin').write_bytes(b'x')

@@ -261,6 +261,80 @@ def test_weighted_ties_disjoint_sum(folders, block_entries):
     np.testing.assert_allclose(merged[name], expected, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+def np_weighted_disjoint_mean(xs, weights):
+  """mergekit's normalized sign consensus: sum of the agreeing w_i tau_i / sum of their w_i."""
+  x = np.stack(xs)
+  w = np.asarray(weights, np.float64).reshape((-1,) + (1,) * (x.ndim - 1))
+  sign = np.sign(x.sum(0))
+  agree = (np.sign(x) == sign) & (x != 0)
+  den = (w * agree).sum(0)
+  return (x * agree).sum(0) / np.where(den == 0, 1.0, den)   # mergekit: divisor 0 -> 1
+
+
+def np_disjoint_sum(xs):
+  x = np.stack(xs)
+  sign = np.sign(x.sum(0))
+  return np.where((np.sign(x) == sign) & (x != 0), x, 0).sum(0)
+
+
+@pytest.mark.parametrize('weights', [[1.0, 0.5, 0.25], [1.0, -1.0, 0.5]])
+@pytest.mark.parametrize('block_entries', [checkpoint_merge.DEFAULT_BLOCK_ENTRIES, SMALL_BLOCKS])
+def test_normalized_weighted_ties_is_mergekits_weighted_disjoint_mean(folders, weights,
+                                                                      block_entries):
+  tmp, base, models, paths = folders
+  d = [0.3, 0.5, 0.8]
+  config = config_of('ties', paths, weights=weights, densities=d, scaling=0.7, normalize=True)
+  run(config, tmp / 'out', block_entries=block_entries)
+  merged = read_folder(tmp / 'out')
+  for name in FLOAT_NAMES:
+    b = base[name].astype(np.float64)
+    xs = [wi * np_trim(m[name].astype(np.float64) - b, di) for wi, di, m in zip(weights, d, models)]
+    expected = b + 0.7 * np_weighted_disjoint_mean(xs, weights)
+    np.testing.assert_allclose(merged[name], expected, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def np_dare_masks(seed, name, shape, densities):
+  """Model i's keep mask: bernoulli(split(block key, n)[i], d_i) over the block, reshaped (the
+  documented key contract; block 0 holds the whole of these small tensors)."""
+  keys = jax.random.split(block_key(seed, name, 0), len(densities))
+  size = int(np.prod(shape, dtype=np.int64))
+  return [np.asarray(jax.random.bernoulli(k, d, (size,))).reshape(shape)
+          for k, d in zip(keys, densities)]
+
+
+DARE_CASES = {
+    # method, densities, weights, normalize, rescale
+    'linear_per_model': ('dare_linear', [0.5, 0.25, 0.75], [1.0, 0.5, 2.0], True, True),
+    'linear_no_rescale': ('dare_linear', [0.5, 0.5, 0.5], [1.0, 1.0, 1.0], False, False),
+    'ties_per_model_normalized': ('dare_ties', [0.5, 0.25, 0.75], [1.0, 0.5, 2.0], True, True),
+    'ties_per_model_no_rescale': ('dare_ties', [0.75, 0.5, 0.25], [1.0, 0.5, 2.0], False, False),
+    'ties_one_density_weighted_mean': ('dare_ties', [0.5, 0.5, 0.5], [1.0, 0.5, 2.0], True, True),
+}
+
+
+@pytest.mark.parametrize('case', sorted(DARE_CASES))
+def test_dare_per_model_density_and_rescale_follow_mergekit(folders, case):
+  method, d, w, normalize, rescale = DARE_CASES[case]
+  tmp, base, models, paths = folders
+  config = config_of(method, paths, weights=w, densities=d, scaling=0.8, normalize=normalize,
+                     rescale=rescale)
+  run(config, tmp / 'out', seed=5)
+  merged = read_folder(tmp / 'out')
+  for name in FLOAT_NAMES:
+    b = base[name].astype(np.float64)
+    masks = np_dare_masks(5, name, b.shape, d)
+    kept = [np.where(mask, (m[name] - b) / di if rescale else m[name] - b, 0.0)
+            for mask, di, m in zip(masks, d, models)]
+    if method == 'dare_linear':
+      c = np.asarray(w) / sum(w) if normalize else np.asarray(w)
+      tv = sum(ci * x for ci, x in zip(c, kept))
+    elif normalize:
+      tv = np_weighted_disjoint_mean([wi * x for wi, x in zip(w, kept)], w)
+    else:
+      tv = np_disjoint_sum([wi * x for wi, x in zip(w, kept)])
+    np.testing.assert_allclose(merged[name], b + 0.8 * tv, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def test_weighted_dare_linear_keeps_or_drops_each_entry(tmp_path):
   base, (model, _) = random_models(n=2)
   paths = [write_folder(str(tmp_path / 'base'), base), write_folder(str(tmp_path / 'a'), model),

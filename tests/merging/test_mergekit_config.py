@@ -108,11 +108,15 @@ def test_errors_name_the_key(edit, match):
     parse(raw, source='merge.yml')
 
 
-def test_dare_without_rescale_and_cljax_methods_unused_parameters_are_errors():
-  raw = {'merge_method': 'dare_ties', 'base_model': 'b', 'models': ['m'],
-         'parameters': {'rescale': False}}
-  with pytest.raises(ValueError, match='rescale: false is not supported'):
-    parse(raw)
+@pytest.mark.parametrize('method', ['dare_ties', 'dare_linear'])
+def test_dare_rescale_is_read(method):
+  raw = {'merge_method': method, 'base_model': 'b', 'models': ['m']}
+  assert parse(raw).rescale is True   # mergekit's default for DARE
+  raw['parameters'] = {'rescale': False}
+  assert parse(raw).rescale is False
+
+
+def test_cljax_methods_unused_parameters_are_errors():
   with pytest.raises(ValueError, match=r'models\[0\]\.parameters\.density: not used by merge_'
                                        r'method magmax'):
     parse({'merge_method': 'magmax', 'base_model': 'b',
@@ -176,17 +180,26 @@ def test_recipe_resolution(config, description):
   assert recipes.make_recipe(config).description == description
 
 
-def test_inexpressible_weights_and_densities_name_the_model_key():
-  raw = dict(TIES, models=[{'model': 'base'}, {'model': 'a', 'parameters': {'weight': 1.0}},
-                           {'model': 'c', 'parameters': {'weight': 2.0}}])
-  with pytest.raises(ValueError,
-                     match=r'models\[2\]\.parameters\.weight = 2.0 differs from 1.0 \(c\)'):
-    recipes.make_recipe(parse(raw))   # the YAML's index, counting the listed base
-  with pytest.raises(ValueError, match=r'models\[1\]\.parameters\.weight = 0.3 differs from 0.5 '
-                                       r'\(m1\).*normalize: false'):
-    recipes.make_recipe(_config('ties', [0.5, 0.3], [0.5, 0.5]))
-  with pytest.raises(ValueError, match=r'one density for all models.*: models\[2\]\.parameters\.'
-                                       r'density = 0.7'):
-    recipes.make_recipe(_config('dare_linear', [1, 1, 1], [0.5, 0.5, 0.7]))
-  with pytest.raises(ValueError, match=r'dare_ties with normalize: true needs equal weights'):
-    recipes.make_recipe(_config('dare_ties', [1, 2], [0.5, 0.5], normalize=True))
+@pytest.mark.parametrize('config,description', [
+    (parse(dict(TIES, models=[{'model': 'base'}, {'model': 'a', 'parameters': {'weight': 1.0}},
+                              {'model': 'c', 'parameters': {'weight': 2.0}}])),
+     'TIES: per_tensor trim (densities [0.7, 0.7]), weighted disjoint mean (sum_i w_i tau_i / '
+     'sum_i w_i over agreeing entries, w = [1.0, 2.0]), scaling 0.8'),
+    (_config('dare_linear', [1, 1, 1], [0.5, 0.5, 0.75]),
+     'DARE drop per model (densities [0.5, 0.5, 0.75], rescaled by 1 / density), sum, scaling 1'),
+    (_config('dare_linear', [1, 2], [0.5, 0.5], rescale=False),
+     'DARE drop per model (densities [0.5, 0.5], not rescaled), sum, weighted, scaling 1'),
+    (_config('dare_ties', [1, 2], [0.5, 0.5], normalize=True),
+     'static.dare_task_vectors(drop_rate=0.5), weighted disjoint mean, scaling 1'),
+    (_config('dare_ties', [1, 1], [0.5, 0.25], normalize=True),
+     'DARE drop per model (densities [0.5, 0.25], rescaled by 1 / density), disjoint mean, '
+     'scaling 1'),
+])
+def test_per_model_values_resolve_to_composed_merges(config, description):
+  assert recipes.make_recipe(config).description == description
+
+
+def test_continual_ties_needs_one_density():
+  with pytest.raises(ValueError, match=r'continual_ties uses one density for all models: '
+                                       r'models\[1\]\.parameters\.density = 0.7'):
+    recipes.make_recipe(_config('continual_ties', [1, 1], [0.5, 0.7]))
