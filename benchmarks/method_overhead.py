@@ -8,7 +8,9 @@ The model and hyperparameters are those of experiments/configs/permuted_fashion_
 784-100-100-10, SGD with momentum, batch 64). Each method's state is first consolidated on a
 "previous task" of random 28x28 inputs, so that every penalty, teacher model and replay buffer is
 live. Each timed call is one epoch of ``--steps`` scanned train steps on the real code path
-(`cljax.training.make_epoch_fn`, one jitted `lax.scan`), on a fixed batch of random inputs; the
+(`cljax.training.make_epoch_fn`, one jitted `lax.scan`), on a fixed batch of random inputs (passed
+through the method's ``prepare_data`` first, as `cljax.training.fit_task` does: LwF's recorded
+teacher outputs); the
 step time is the median over ``--repeats`` calls after a compiling one, methods interleaved so
 that drifts of the machine affect all alike. By default the time is this process's CPU time (all
 its threads): on a machine shared with other jobs, wall time mostly measures the other jobs
@@ -96,13 +98,15 @@ def main(argv):
   rng = np.random.default_rng(0)
   previous = _random_batch(rng, _PREVIOUS.value, shape, k)
   one = _random_batch(rng, batch_size, shape, k)
-  batches = base.Batch(*(jnp.asarray(np.broadcast_to(a, (_STEPS.value, *a.shape))) for a in one))
+  stack = lambda b: jax.tree.map(
+      lambda a: jnp.asarray(np.broadcast_to(a, (_STEPS.value, *a.shape))), b)
 
   timers = {}
   for name in names:
     method = methods.get(name, config.get(name))
     state = method.end_task(params, method.init(params), previous, apply_fn)
-    timers[name] = _timer(apply_fn, method, optimizer, mesh, params, state, batches)
+    data = one if method.prepare_data is None else method.prepare_data(params, state, one, apply_fn)
+    timers[name] = _timer(apply_fn, method, optimizer, mesh, params, state, stack(data))
   samples = {name: [] for name in names}
   for _ in range(_REPEATS.value):
     for name, run in timers.items():

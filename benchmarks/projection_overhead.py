@@ -63,7 +63,7 @@ def _full_width_method(gpm: base.Method) -> base.Method:
 
 def _batches(data: base.Batch, steps: int, batch_size: int, mesh) -> base.Batch:
   idx = np.random.default_rng(0).choice(data.size, size=steps * batch_size).reshape(steps, -1)
-  return base.Batch(*(sharding.shard_batch(mesh, np.take(a, idx, axis=0), axis=1) for a in data))
+  return jax.tree.map(lambda a: sharding.shard_batch(mesh, np.take(a, idx, axis=0), axis=1), data)
 
 
 def _timer(apply_fn, method, optimizer, mesh, params, state, batches):
@@ -123,7 +123,7 @@ def main(argv):
       cells.append(f'{1e6 * med["plain"] / _STEPS.value:7.1f}, {med["gpm"] / med["plain"]:6.2f}x, '
                    f'{med["full"] / med["plain"]:6.2f}x')
     print(f'{t:4d} | {[int(k) for k in state.ranks]} | ' + ' | '.join(cells))
-    subset = base.Batch(*(a[:_TRAIN_STEPS.value * 10] for a in task.train))
+    subset = jax.tree.map(lambda a: a[:_TRAIN_STEPS.value * 10], task.train)
     result = training.fit_task(apply_fn, gpm, optimizer, params, state, subset, epochs=1,
                                batch_size=10, seed=t, mesh=mesh, task_index=t)
     params = result.params

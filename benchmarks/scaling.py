@@ -55,7 +55,7 @@ def main(argv):
   apply_fn = models.linen_apply_fn(module)
   params0 = models.init_params(module, jax.random.key(0), data.x.shape[1:])
   method, opt = regularizers.finetune(), optax.sgd(0.01, momentum=0.9)
-  host = base.Batch(*(a.reshape(s, b, *a.shape[1:]) for a in data))
+  host = jax.tree.map(lambda a: a.reshape(s, b, *a.shape[1:]), data)
   print(f'CNN on {name}, global batch {b}, {s} steps per call, devices: {jax.devices()[0].device_kind}'
         f' x {len(jax.devices())} ({jax.default_backend()})')
   print(f'{"devices":>7} {"steps/s":>9} {"examples/s":>11} {"ratio":>6}')
@@ -64,7 +64,7 @@ def main(argv):
     mesh = sharding.make_mesh(n)
     sharding.check_batch_size(b, mesh)
     epoch = training.make_epoch_fn(apply_fn, method, opt, mesh)
-    batches = base.Batch(*(sharding.shard_batch(mesh, a, axis=1) for a in host))
+    batches = jax.tree.map(lambda a: sharding.shard_batch(mesh, a, axis=1), host)
     # A fresh copy per mesh: the epoch donates its inputs.
     params = jax.device_put(jax.tree.map(jnp.copy, params0), sharding.replicated(mesh))
     state = base.EmptyState()

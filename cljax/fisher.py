@@ -105,7 +105,7 @@ def diagonal_fisher(
     stop = min(start + batch_size, n)
     idx = np.arange(start, start + batch_size).clip(max=n - 1)  # Pad to one compiled shape.
     valid = np.arange(start, start + batch_size) < stop
-    chunk = [np.asarray(a)[idx] for a in data]
+    chunk = [np.asarray(a)[idx] for a in (data.x, data.y, data.mask)]
     total = optax.tree.add(total, _chunk_fisher_sum(apply_fn, estimator, params, *chunk,
                                                     jnp.asarray(valid), keys[idx]))
   return optax.tree.scale(1.0 / n, total)

@@ -130,7 +130,7 @@ def _all_classes(x: np.ndarray, y: np.ndarray, num_classes: int) -> base.Batch:
 
 
 def _take(batch: base.Batch, idx: np.ndarray) -> base.Batch:
-  return base.Batch(*(a[idx] for a in batch))
+  return jax.tree.map(lambda a: a[idx], batch)
 
 
 def build_data(dataset: sources.Dataset, *, task_streams: Sequence[tuple],
@@ -292,7 +292,7 @@ class Evaluator:
     for data in tests:
       chunks = []
       for start in range(0, data.size, batch_size):
-        chunk = [np.asarray(a[start:start + batch_size]) for a in data]
+        chunk = [np.asarray(a[start:start + batch_size]) for a in (data.x, data.y, data.mask)]
         k = chunk[1].shape[0]
         if k < batch_size:  # Pad to the compiled shape; padded rows are not counted.
           chunk = [np.concatenate([a, np.repeat(a[-1:], batch_size - k, axis=0)]) for a in chunk]

@@ -54,36 +54,49 @@ def make_optimizer(name: str, *, learning_rate: float, momentum: float = 0.0) ->
   raise ValueError(f"unknown optimizer {name!r}; choose 'sgd' or 'adam' (config key `optimizer`)")
 
 
-def _task_loss_fn(apply_fn: ApplyFn):
-  def task_loss(params, batch: base.Batch):
-    return base.cross_entropy(apply_fn(params, batch.x, train=True), batch.y, batch.mask)
-  return task_loss
+def _output_losses_fn(apply_fn: ApplyFn, method: base.Method):
+  """``(params, method_state, batch) -> (cross_entropy, output_term)`` from one forward pass."""
+  def output_losses(params, method_state, batch: base.Batch):
+    logits = apply_fn(params, batch.x, train=True)
+    ce = base.cross_entropy(logits, batch.y, batch.mask)
+    if method.output_loss is None:
+      return ce, jnp.zeros((), ce.dtype)
+    return ce, method.output_loss(logits, method_state, batch, apply_fn)
+  return output_losses
 
 
 def _step_grads(apply_fn: ApplyFn, method: base.Method):
-  """``(params, method_state, batch) -> (loss, grads, task_grads)``.
+  """``(params, method_state, batch) -> (cross_entropy, grads, task_grads)``.
 
-  With no ``after_step`` hook one combined loss is differentiated (one backward pass) and
-  ``task_grads`` is None. With the hook, the cross-entropy and the method's term are
-  differentiated separately, because the hook needs the task gradients alone.
+  ``grads`` are those of cross-entropy + the method's term; the term's value is not returned, so
+  XLA drops its computation (its per-leaf reductions cost up to half of a small model's step).
+
+  With no ``after_step`` hook one combined loss (cross-entropy + ``output_loss`` on the same
+  logits + ``loss``) is differentiated: one forward and one backward pass. With the hook, the
+  cross-entropy and the method's terms are differentiated separately, because the hook needs
+  the task gradients alone.
   """
-  task_loss = _task_loss_fn(apply_fn)
+  output_losses = _output_losses_fn(apply_fn, method)
 
-  def method_loss(params, method_state, batch):
-    return method.loss(params, method_state, batch, apply_fn)
+  def method_terms(params, method_state, batch):
+    return (output_losses(params, method_state, batch)[1]
+            + method.loss(params, method_state, batch, apply_fn))
 
   if method.after_step is None:
-    total = jax.value_and_grad(lambda p, s, b: task_loss(p, b) + method_loss(p, s, b))
+    def total_with_ce(p, s, b):
+      ce, output_term = output_losses(p, s, b)
+      return ce + output_term + method.loss(p, s, b, apply_fn), ce
+    total = jax.value_and_grad(total_with_ce, has_aux=True)
 
     def combined(params, method_state, batch):
-      loss, grads = total(params, method_state, batch)
-      return loss, grads, None
+      (_, ce), grads = total(params, method_state, batch)
+      return ce, grads, None
     return combined
 
   def separate(params, method_state, batch):
-    ce, task_grads = jax.value_and_grad(task_loss)(params, batch)
-    extra, extra_grads = jax.value_and_grad(method_loss)(params, method_state, batch)
-    return ce + extra, optax.tree.add(task_grads, extra_grads), task_grads
+    ce, task_grads = jax.value_and_grad(lambda p: output_losses(p, method_state, batch)[0])(params)
+    extra_grads = jax.grad(method_terms)(params, method_state, batch)
+    return ce, optax.tree.add(task_grads, extra_grads), task_grads
   return separate
 
 
@@ -133,7 +146,7 @@ def _epoch_batches(data: base.Batch, perm: np.ndarray, batch_size: int) -> base.
   """Host (S, B, ...) arrays of one epoch; the last partial batch is dropped (fixed shapes)."""
   steps = len(perm) // batch_size
   idx = perm[: steps * batch_size].reshape(steps, batch_size)
-  return base.Batch(*(np.take(a, idx, axis=0) for a in data))
+  return jax.tree.map(lambda a: np.take(a, idx, axis=0), data)
 
 
 def _placed_copy(tree, shardings):
@@ -167,7 +180,8 @@ def fit_task(
       copies' buffers are then donated from epoch to epoch).
     method_state: the method's state; changed during the task only by ``method.after_step``
       (consolidation is ``end_task``, called by the caller).
-    data: the task's training data, host arrays (N, ...).
+    data: the task's training data, host arrays (N, ...); passed through the method's
+      ``prepare_data`` first, when it has one.
     epochs: passes over the data.
     batch_size: global batch size; a multiple of the mesh's ``data`` size.
     seed: seeds the per-epoch shuffles (numpy), so that a resumed run shuffles identically.
@@ -178,13 +192,16 @@ def fit_task(
     progress: called with the number of steps after each epoch (e.g. a tqdm update).
 
   Returns:
-    `TaskResult`; ``losses`` has one entry per step, float32.
+    `TaskResult`; ``losses`` has one entry per step, float32: the cross-entropy of the step's
+    batch (the method's term is differentiated but its value not computed).
 
   Raises:
     ValueError: fewer examples than one batch, or a bad batch size.
     FloatingPointError: the loss became NaN or infinite; names the task, epoch and first step.
   """
   sharding.check_batch_size(batch_size, mesh)
+  if method.prepare_data is not None:
+    data = method.prepare_data(params, method_state, data, apply_fn)
   n = data.size
   if n < batch_size:
     raise ValueError(f'task {task_index} has {n} training examples, fewer than batch_size={batch_size}')
@@ -194,8 +211,8 @@ def fit_task(
   opt_state = make_opt_init_fn(method, optimizer, mesh)(params, method_state)
   epoch_fn = make_epoch_fn(apply_fn, method, optimizer, mesh)
   rng = np.random.default_rng(seed)
-  place = lambda: base.Batch(*(sharding.shard_batch(mesh, a, axis=1)
-                               for a in _epoch_batches(data, rng.permutation(n), batch_size)))
+  place = lambda: jax.tree.map(lambda a: sharding.shard_batch(mesh, a, axis=1),
+                               _epoch_batches(data, rng.permutation(n), batch_size))
   all_losses, batches = [], place()
   for epoch in range(epochs):
     params, opt_state, method_state, losses = epoch_fn(params, opt_state, method_state, batches)
@@ -241,11 +258,12 @@ def evaluate(eval_fn, params: Params, data: base.Batch, *, batch_size: int, mesh
   n = data.size
   correct = 0
   for start in range(0, n, batch_size):
-    chunk = [a[start:start + batch_size] for a in data]
-    k = len(chunk[1])
+    chunk = jax.tree.map(lambda a: a[start:start + batch_size], data)
+    k = len(chunk.y)
     if k < batch_size:  # Pad to the compiled shape; padded rows are not counted.
-      chunk = [np.concatenate([a, np.repeat(a[-1:], batch_size - k, axis=0)]) for a in chunk]
-    batch = base.Batch(*(sharding.shard_batch(mesh, a, axis=0) for a in chunk))
+      chunk = jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[-1:], batch_size - k, axis=0)]),
+                           chunk)
+    batch = jax.tree.map(lambda a: sharding.shard_batch(mesh, a, axis=0), chunk)
     correct += int(np.asarray(eval_fn(params, batch))[:k].sum())
   return correct / n
 

@@ -53,7 +53,7 @@ def test_empirical_matches_closed_form(problem):
 
 def test_sampled_converges_to_exact(problem):
   params, data = problem
-  many = base.Batch(*(np.repeat(a, 600, axis=0) for a in data))
+  many = jax.tree.map(lambda a: np.repeat(a, 600, axis=0), data)
   exact = fisher.diagonal_fisher(apply_fn, params, data)
   sampled = fisher.diagonal_fisher(apply_fn, params, many, estimator='sampled',
                                    key=jax.random.key(1), batch_size=600)

@@ -89,9 +89,48 @@ def test_after_step_sees_task_gradients_only():
   perm = np.random.default_rng(0).permutation(32)
   expected = 0.0
   for idx in (perm[:16], perm[16:]):
-    g = jax.grad(task_loss)(params, base.Batch(*(a[idx] for a in data)))
+    g = jax.grad(task_loss)(params, jax.tree.map(lambda a: a[idx], data))
     expected += float(optax.tree.sum(jax.tree.map(jnp.sum, g)))
   np.testing.assert_allclose(float(result.method_state.grad_sum), expected, rtol=1e-4, atol=1e-6)
+
+
+def _output_loss_method(c, *, with_hook):
+  """A method whose output term pulls the logits toward recorded targets (prepare_data)."""
+  def prepare_data(params, state, data, apply_fn):
+    targets = np.tile(np.array([[2.0, -1.0]], np.float32), (data.size, 1))
+    return data._replace(teacher_logits=targets)
+  def output_loss(logits, state, batch, apply_fn):
+    return c * jnp.mean(jnp.sum(jnp.square(logits - batch.teacher_logits), axis=-1))
+  def after_step(state, old, new, task_grads):
+    return CountState(state.steps + 1, state.grad_sum + optax.tree.sum(jax.tree.map(jnp.sum, task_grads)))
+  return base.Method(init=lambda p: CountState(jnp.zeros((), jnp.int32), jnp.zeros(())),
+                     loss=base.no_loss, gradient_transform=base.identity_transform,
+                     end_task=base.keep_state, prepare_data=prepare_data, output_loss=output_loss,
+                     after_step=after_step if with_hook else None)
+
+
+@pytest.mark.parametrize('with_hook', [False, True])
+def test_output_loss_and_prepare_data(with_hook):
+  """One full-batch SGD step: params move by the gradient of CE + the output term on the recorded
+  targets, the reported loss is the cross-entropy, and after_step sees the CE gradient alone."""
+  apply_fn, params = _model()
+  data, c, lr = _blobs(32), 0.3, 0.1
+  method = _output_loss_method(c, with_hook=with_hook)
+  result = training.fit_task(apply_fn, method, optax.sgd(lr), params, method.init(params), data,
+                             epochs=1, batch_size=32, seed=0, mesh=sharding.make_mesh())
+  targets = np.array([2.0, -1.0], np.float32)
+  def ce(p):
+    return base.cross_entropy(apply_fn(p, data.x), data.y, data.mask)
+  def total(p):
+    return ce(p) + c * jnp.mean(jnp.sum(jnp.square(apply_fn(p, data.x) - targets), axis=-1))
+  expected = jax.tree.map(lambda p, g: p - lr * g, params, jax.grad(total)(params))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               result.params, expected)
+  np.testing.assert_allclose(result.losses, [ce(params)], rtol=1e-5)
+  if with_hook:
+    g = jax.grad(ce)(params)
+    np.testing.assert_allclose(float(result.method_state.grad_sum),
+                               float(optax.tree.sum(jax.tree.map(jnp.sum, g))), rtol=1e-4, atol=1e-6)
 
 
 def test_batch_size_and_optimizer_errors():

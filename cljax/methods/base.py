@@ -6,7 +6,13 @@ functions, so a method never touches the loop and the loop never special-cases a
 
   * ``init(params) -> state``: the method's state before the first task.
   * ``loss(params, state, batch, apply_fn) -> scalar``: the method's extra loss term, added to the
-    cross-entropy of the current batch (0 for finetune).
+    cross-entropy of the current batch (0 for finetune). The loop differentiates it but reports
+    the cross-entropy alone as the step's loss: the term's value is never computed in training
+    (for quadratic penalties those per-leaf reductions were most of the method's step time).
+  * ``output_loss(logits, state, batch, apply_fn) -> scalar`` (optional): a term on the model's
+    training-mode outputs (B, K) for the batch, taken from the loop's own forward pass, so that
+    cross-entropy and this term share one forward and one backward pass (LwF's distillation;
+    as ``loss``, differentiated, its value not reported).
   * ``gradient_transform(state) -> optax.GradientTransformation``: chained *before* the optimizer,
     e.g. projection of gradients away from a protected subspace; `optax.identity()` for most
     methods. It is called *inside* the jitted epoch with the method state's arrays traced, so a
@@ -21,6 +27,11 @@ functions, so a method never touches the loop and the loop never special-cases a
     state update inside the jitted loop, e.g. SI's path integral. ``task_grads`` are the
     gradients of the cross-entropy alone (without the method's term). ``None`` (the default)
     keeps the state constant during a task, and the step then differentiates one combined loss.
+  * ``prepare_data(params, state, data, apply_fn) -> Batch`` (optional): runs eagerly once
+    before a task's training, with the parameters and state at the task's start, on the data
+    to train on (host arrays); returns it, e.g. with ``teacher_logits`` recorded (LwF records
+    the old model's responses once, as Li & Hoiem's Algorithm 1, instead of a teacher forward
+    pass every step). The result must have the same fields present for every task.
 
 State is a pytree (a NamedTuple of arrays) whose structure, shapes and dtypes are fixed by
 ``init(params)``: they must not change from task to task (memory does not grow with the number of
@@ -55,11 +66,17 @@ class Batch(NamedTuple):
       give each task its own head (a disjoint block of outputs); masking the other outputs is
       exactly training/evaluating that head alone. All True for class- and domain-incremental
       streams.
+    teacher_logits: None, or (B, num_outputs) float32: a reference model's outputs on ``x``
+      recorded by a method's ``prepare_data`` hook before the task (LwF's old-model responses).
+
+  Batches are pytrees; transform every array of one with ``jax.tree.map(fn, batch)``, which
+  skips an absent (None) ``teacher_logits``.
   """
 
   x: Any
   y: Any
   mask: Any
+  teacher_logits: Any = None
 
   @property
   def size(self) -> int:
@@ -75,6 +92,8 @@ class Method(NamedTuple):
   end_task: Callable[[Params, State, Batch, ApplyFn], State]
   training_data: Optional[Callable[[Sequence[Batch]], Batch]] = None
   after_step: Optional[Callable[[State, Params, Params, Params], State]] = None
+  prepare_data: Optional[Callable[[Params, State, Batch, ApplyFn], Batch]] = None
+  output_loss: Optional[Callable[[jax.Array, State, Batch, ApplyFn], jax.Array]] = None
 
 
 class EmptyState(NamedTuple):
@@ -142,4 +161,4 @@ def concatenate(batches: Sequence[Batch]) -> Batch:
   """Concatenates host batches (e.g. several tasks' data) along the example axis."""
   if not batches:
     raise ValueError('concatenate needs at least one batch')
-  return Batch(*(np.concatenate(parts, axis=0) for parts in zip(*batches)))
+  return jax.tree.map(lambda *parts: np.concatenate(parts, axis=0), *batches)

@@ -181,6 +181,9 @@ def refresh(
         fisher_weight=fisher_weight, normalize=normalize))
     unlearned = optax.tree.add(params, delta)
     relearn = task_loss(unlearned) + inner.loss(unlearned, state.inner, batch, apply_fn)
+    if inner.output_loss is not None:
+      relearn += inner.output_loss(apply_fn(unlearned, batch.x, train=True), state.inner, batch,
+                                   apply_fn)
     # Value CE(theta) and gradient `grads`: cancels the training loop's own CE(theta) term.
     loop_ce = ce + optax.tree.vdot(grads, optax.tree.sub(params, jax.lax.stop_gradient(params)))
     return relearn - loop_ce
@@ -208,6 +211,10 @@ def refresh(
   # Without noise or an inner hook the state is constant during a task: no hook, so the loop
   # differentiates one combined loss.
   needs_hook = noise > 0 or inner.after_step is not None
+  def prepare_data(params, state, data, apply_fn):
+    return inner.prepare_data(params, state.inner, data, apply_fn)
+
   return base.Method(init=init, loss=loss, gradient_transform=gradient_transform,
                      end_task=end_task, training_data=inner.training_data,
-                     after_step=after_step if needs_hook else None)
+                     after_step=after_step if needs_hook else None,
+                     prepare_data=prepare_data if inner.prepare_data is not None else None)

@@ -106,7 +106,7 @@ def _subset(task_data: base.Batch, num_samples: int, seed: int, task: int) -> ba
   """``num_samples`` examples of ``task_data`` drawn without replacement, seeded by (seed, task)."""
   rng = np.random.default_rng([seed, task])
   idx = rng.choice(task_data.size, size=min(num_samples, task_data.size), replace=False)
-  return base.Batch(*(np.asarray(a)[np.sort(idx)] for a in task_data))
+  return jax.tree.map(lambda a: np.asarray(a)[np.sort(idx)], task_data)
 
 
 def weighted_quadratic(params: Params, weights: Params, anchor: Params) -> jax.Array:
@@ -579,13 +579,17 @@ class LwFState(NamedTuple):
   num_tasks: jax.Array
 
 
-def _segment_log_softmax(logits: jax.Array, segments: jax.Array, num_segments: int) -> jax.Array:
-  """log-softmax of (B, K) ``logits`` within each group of outputs given by (K,) ``segments``."""
-  z = logits.T  # (K, B): segment ops reduce the leading axis.
-  top = jax.lax.stop_gradient(jax.ops.segment_max(z, segments, num_segments=num_segments))
-  shifted = z - top[segments]
-  total = jax.ops.segment_sum(jnp.exp(shifted), segments, num_segments=num_segments)
-  return (shifted - jnp.log(total[segments])).T
+def _segment_log_softmax(logits: jax.Array, segments: jax.Array) -> jax.Array:
+  """log-softmax of (B, K) ``logits`` within each group of outputs given by (K,) ``segments``.
+
+  Dense over a (K, K) same-group matrix (a (B, K, K) max and a (B, K) x (K, K) matmul) rather
+  than segment ops, whose scatters dominated LwF's step on CPU; K is a head's size.
+  """
+  same = segments[:, None] == segments[None, :]
+  top = jax.lax.stop_gradient(
+      jnp.max(jnp.where(same[None], logits[:, None, :], -jnp.inf), axis=-1))
+  shifted = logits - top
+  return shifted - jnp.log(jnp.exp(shifted) @ same.T.astype(logits.dtype))
 
 
 def lwf_distillation(logits: jax.Array, old_logits: jax.Array, old_outputs: jax.Array,
@@ -608,9 +612,9 @@ def lwf_distillation(logits: jax.Array, old_logits: jax.Array, old_outputs: jax.
   k = logits.shape[-1]
   active = old_outputs & (groups >= 0)
   segments = jnp.where(active, groups, k)  # Segment k collects the outputs not distilled.
-  log_q = _segment_log_softmax(logits.astype(jnp.float32) / temperature, segments, k + 1)
+  log_q = _segment_log_softmax(logits.astype(jnp.float32) / temperature, segments)
   old = jax.lax.stop_gradient(old_logits.astype(jnp.float32))
-  p = jnp.exp(_segment_log_softmax(old / temperature, segments, k + 1))
+  p = jnp.exp(_segment_log_softmax(old / temperature, segments))
   return -jnp.mean(jnp.sum(jnp.where(active, p * log_q, 0.0), axis=-1))
 
 
@@ -632,6 +636,31 @@ def infer_num_outputs(params: Params, *, name: str) -> int:
                    f'.../head/kernel; set {name}')
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(apply_fn, params, x):
+  return apply_fn(params, x, train=False).astype(jnp.float32)
+
+
+def record_logits(apply_fn: base.ApplyFn, params: Params, x: np.ndarray, *,
+                  batch_size: int = 1024) -> np.ndarray:
+  """A model's outputs on every input, in fixed-size jitted chunks (one compile).
+
+  Args:
+    apply_fn, params: the model.
+    x: (N, ...) host inputs.
+    batch_size: chunk size (the last chunk is padded).
+
+  Returns:
+    (N, K) float32 host array.
+  """
+  n = len(x)
+  out = []
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, start + batch_size).clip(max=n - 1)
+    out.append(np.asarray(_forward(apply_fn, params, np.asarray(x)[idx]))[: n - start])
+  return np.concatenate(out, axis=0) if out else np.zeros((0, 0), np.float32)
+
+
 def lwf(*, strength: float = 1.0, temperature: float = 2.0, num_outputs: int = 0) -> base.Method:
   """Learning without Forgetting: distillation to the previous model on the current inputs.
 
@@ -645,6 +674,12 @@ def lwf(*, strength: float = 1.0, temperature: float = 2.0, num_outputs: int = 0
     * domain-incremental (shared head, all outputs used by every task): all outputs, one softmax;
     * class-incremental (shared head, new classes per task): the classes of earlier tasks only,
       one softmax over them (the new classes have no old response to preserve).
+
+  As Li & Hoiem's Algorithm 1, the old model's responses Y_o on the task's inputs are recorded
+  once before the task (``prepare_data`` fills ``Batch.teacher_logits``), so a training step
+  costs no teacher forward pass, and the distillation is an ``output_loss`` on the loop's own
+  logits (one backward pass for cross-entropy and distillation). On a batch without recorded
+  responses ``output_loss`` runs the old model.
 
   LwF's warm-up phase (training the new head alone first) is not done: with a shared output
   layer there is no separate new head.
@@ -672,9 +707,10 @@ def lwf(*, strength: float = 1.0, temperature: float = 2.0, num_outputs: int = 0
     return LwFState(_copy(params), jnp.zeros((k,), bool), jnp.full((k,), -1, jnp.int32),
                     jnp.zeros((), jnp.int32))
 
-  def loss(params, state, batch, apply_fn):
-    logits = apply_fn(params, batch.x, train=True)
-    old_logits = apply_fn(state.old_params, batch.x, train=False)
+  def output_loss(logits, state, batch, apply_fn):
+    old_logits = batch.teacher_logits
+    if old_logits is None:
+      old_logits = apply_fn(state.old_params, batch.x, train=False)
     kd = lwf_distillation(logits, old_logits, state.old_outputs, state.groups,
                           temperature=temperature)
     return jnp.where(state.num_tasks > 0, strength * kd, 0.0)
@@ -693,5 +729,9 @@ def lwf(*, strength: float = 1.0, temperature: float = 2.0, num_outputs: int = 0
     old = np.asarray(state.old_outputs) | (np.bincount(labels, minlength=k)[:k] > 0)
     return LwFState(_copy(params), jnp.asarray(old), jnp.asarray(groups), state.num_tasks + 1)
 
-  return base.Method(init=init, loss=loss, gradient_transform=base.identity_transform,
-                     end_task=end_task)
+  def prepare_data(params, state, data, apply_fn):
+    del params  # The teacher is the model after the previous task, kept in the state.
+    return data._replace(teacher_logits=record_logits(apply_fn, state.old_params, data.x))
+
+  return base.Method(init=init, loss=base.no_loss, gradient_transform=base.identity_transform,
+                     end_task=end_task, prepare_data=prepare_data, output_loss=output_loss)

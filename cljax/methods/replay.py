@@ -190,7 +190,7 @@ def replay(
 
   def end_task(params, state, task_data, apply_fn):
     del params, apply_fn
-    x, y, mask = (np.asarray(a) for a in task_data)
+    x, y, mask = (np.asarray(a) for a in (task_data.x, task_data.y, task_data.mask))
     if x.shape[1:] != shape:
       raise ValueError(f'replay.input_shape is {shape} but the task\'s inputs are {x.shape[1:]}')
     if mask.shape[1:] != state.mask.shape[1:]:

@@ -176,7 +176,7 @@ def test_ewc_sampled_fisher_averages_to_the_exact_one():
   """One example repeated: the sampled-label Fisher's mean converges to the exact expectation."""
   params, one = make_params(), make_data(n=1)
   reps = 4000
-  data = base.Batch(*(np.repeat(a, reps, axis=0) for a in one))
+  data = jax.tree.map(lambda a: np.repeat(a, reps, axis=0), one)
   method = regularizers.ewc(fisher_estimator='sampled', num_samples=reps, fisher_batch_size=500)
   sampled = method.end_task(params, method.init(params), data, apply_fn).fisher
   p = np_params(params)
@@ -368,13 +368,23 @@ class LwFTest(chex.TestCase):
     method = regularizers.lwf(strength=1.5, temperature=2.0)
     state = method.init(params[0])
     self.assertEqual(state.old_outputs.shape, (k,))
-    np.testing.assert_allclose(method.loss(params[0], state, tasks[0], apply_fn), 0.0)  # Task 0.
+    distill = lambda p, s, b: method.output_loss(apply_fn(p, b.x, train=True), s, b, apply_fn)
+    np.testing.assert_allclose(distill(params[0], state, tasks[0]), 0.0)  # Task 0.
     for t in range(2):
       state = method.end_task(params[t], state, tasks[t], apply_fn)
-    loss = self.variant(lambda p, s, b: method.loss(p, s, b, apply_fn))(params[2], state, tasks[2])
     z = np_forward(np_params(params[2]), tasks[2].x)[2]
     z_old = np_forward(np_params(params[1]), tasks[2].x)[2]
-    np.testing.assert_allclose(loss, 1.5 * np_kd(z, z_old, expected_groups, 2.0), rtol=1e-5)
+    expected = 1.5 * np_kd(z, z_old, expected_groups, 2.0)
+    # Without recorded responses the old model runs on the batch; with them (prepare_data, as
+    # the training loop calls it before the task) they are the old model's outputs.
+    np.testing.assert_allclose(self.variant(distill)(params[2], state, tasks[2]), expected,
+                               rtol=1e-5)
+    prepared = method.prepare_data(params[2], state, tasks[2], apply_fn)
+    np.testing.assert_allclose(prepared.teacher_logits, z_old, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(prepared.x, tasks[2].x)
+    np.testing.assert_allclose(self.variant(distill)(params[2], state, prepared), expected,
+                               rtol=1e-5)
+    np.testing.assert_allclose(method.loss(params[2], state, prepared, apply_fn), 0.0)
 
 
 # -------------------------------------------------------------------- shared: state, errors
