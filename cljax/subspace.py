@@ -49,6 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cljax import paths
+
 Array = jax.Array
 PyTree = Any
 
@@ -75,11 +77,6 @@ def _where(path: Any) -> str:
   """A pytree path as text for error messages; the empty path is a bare array."""
   text = jax.tree_util.keystr(tuple(path)) if path else ''
   return f'leaf {text}' if text else 'the array'
-
-
-def _path_str(path: Any) -> str:
-  """A pytree path as '/'-joined keys, e.g. 'params/Dense_0/kernel', for regex rules."""
-  return jax.tree_util.keystr(tuple(path), simple=True, separator='/')
 
 
 def check_threshold(threshold: Any, *, where: str = 'the array') -> Any:
@@ -673,7 +670,7 @@ def _select_bases(params: PyTree, bases: PyTree, output_bases: PyTree,
   output_leaves = _flatten_like(treedef, output_bases, 'output_bases', len(leaves))
   kept, kept_out, matched = [], [], 0
   for (path, p), b, c in zip(leaves, basis_leaves, output_leaves):
-    selected = pattern is None or pattern.fullmatch(_path_str(path)) is not None
+    selected = pattern is None or pattern.fullmatch(paths.path_str(path)) is not None
     matched += selected
     if not selected:
       b = c = None
@@ -689,9 +686,9 @@ def _select_bases(params: PyTree, bases: PyTree, output_bases: PyTree,
     kept.append(b)
     kept_out.append(c)
   if pattern is not None and not matched:
-    paths = [_path_str(path) for path, _ in leaves]
+    names = [paths.path_str(path) for path, _ in leaves]
     raise ValueError(f'include regex {pattern.pattern!r} matches no parameter; paths are '
-                     f'{paths[:20]}{" ..." if len(paths) > 20 else ""}')
+                     f'{names[:20]}{" ..." if len(names) > 20 else ""}')
   kept_output_bases = None
   if output_bases is not None:
     kept_output_bases = jax.tree_util.tree_unflatten(treedef, kept_out)

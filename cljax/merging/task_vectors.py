@@ -28,20 +28,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cljax import paths
 from cljax.merging import validation
 
 Params = Any
 Exclude = Optional[Union[str, Sequence[str]]]
 
 
-def path_name(path: Any) -> str:
-  """A pytree key path as '/'-joined keys, e.g. ``'params/Dense_0/kernel'``."""
-  return jax.tree_util.keystr(tuple(path), simple=True, separator='/')
-
-
-def leaf_names(tree: Any) -> list:
-  """The '/'-joined path of every leaf of ``tree``, in flattening order."""
-  return [path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+# A pytree key path as '/'-joined keys (e.g. 'params/Dense_0/kernel'), and every leaf's, in
+# flattening order: the names `cljax.paths` defines for sharding rules and methods' regexes.
+path_name = paths.path_str
+leaf_names = paths.leaf_paths
 
 
 def _patterns(exclude: Exclude) -> list:
