@@ -149,6 +149,13 @@ def _epoch_batches(data: base.Batch, perm: np.ndarray, batch_size: int) -> base.
   return jax.tree.map(lambda a: np.take(a, idx, axis=0), data)
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  """Whether every entry of every leaf is finite (one fused reduction per leaf)."""
+  return jnp.all(jnp.stack([jnp.isfinite(jnp.sum(x * jnp.zeros((), x.dtype)))
+                            for x in jax.tree.leaves(tree)]))
+
+
 def _placed_copy(tree, shardings):
   """New buffers holding ``tree`` with ``shardings``. (`jax.device_put(..., may_alias=False)`
   is not enough: placing a single-device array on a multi-device mesh can reuse its buffer as
@@ -197,7 +204,8 @@ def fit_task(
 
   Raises:
     ValueError: fewer examples than one batch, or a bad batch size.
-    FloatingPointError: the loss became NaN or infinite; names the task, epoch and first step.
+    FloatingPointError: the loss or, after an epoch's last step, the parameters became NaN or
+      infinite; names the task, epoch and step.
   """
   sharding.check_batch_size(batch_size, mesh)
   if method.prepare_data is not None:
@@ -221,10 +229,19 @@ def fit_task(
     losses = np.asarray(losses)
     bad = np.flatnonzero(~np.isfinite(losses))
     if bad.size:
+      # The loss is the cross-entropy: a non-finite method term shows up one step later, through
+      # the parameters its gradient made non-finite.
       step = epoch * len(losses) + int(bad[0])
       raise FloatingPointError(f'loss became {losses[bad[0]]} at task {task_index}, epoch {epoch}, '
-                               f'step {step} (step {bad[0]} of the epoch); lower the learning rate '
-                               'or the method strength')
+                               f'step {step} (step {bad[0]} of the epoch; or the update of the step '
+                               'before it was not finite); lower the learning rate or the method '
+                               'strength')
+    if not bool(_all_finite(params)):  # The last step's update, which no loss has seen yet.
+      step = (epoch + 1) * len(losses) - 1
+      raise FloatingPointError(f'parameters became non-finite at task {task_index}, epoch {epoch}, '
+                               f'step {step} (the last of the epoch; its loss was finite, so the '
+                               'method\'s term or its gradient was not); lower the learning rate or '
+                               'the method strength')
     all_losses.append(losses)
     if progress is not None:
       progress(len(losses))

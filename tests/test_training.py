@@ -65,6 +65,18 @@ def test_nan_loss_names_task_and_step():
                       mesh=sharding.make_mesh(), task_index=4)
 
 
+@pytest.mark.parametrize('batch_size, step', [(32, 0), (16, 1)])
+def test_non_finite_method_gradient_is_caught(batch_size, step):
+  """A method term whose gradient is NaN (log of 0): the reported loss is the cross-entropy, so
+  either the next step's loss or, after the epoch's last step, the parameters reveal it."""
+  apply_fn, params = _model()
+  method = regularizers.finetune()._replace(
+      loss=lambda p, s, b, f: jnp.log(0.0 * optax.tree.sum(jax.tree.map(jnp.sum, p))))
+  with pytest.raises(FloatingPointError, match=rf'task 0, epoch 0, step {step}'):
+    training.fit_task(apply_fn, method, optax.sgd(0.1), params, base.EmptyState(), _blobs(32),
+                      epochs=1, batch_size=batch_size, seed=0, mesh=sharding.make_mesh())
+
+
 class CountState(NamedTuple):
   steps: jax.Array
   grad_sum: jax.Array

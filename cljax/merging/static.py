@@ -465,6 +465,8 @@ def _sample_counts(sizes: Sequence[int], sample_size: int, trim: str) -> tuple:
   the same rate); 'per_tensor': min(size_j, S).
   """
   total = sum(sizes)
+  if total == 0:
+    return tuple(0 for _ in sizes)
   if trim == 'global':
     return tuple(min(size, -(-size * sample_size // total)) for size in sizes)
   return tuple(min(size, sample_size) for size in sizes)
@@ -519,7 +521,7 @@ def _sampled_ties_thresholds(key, base_leaves, model_leaves, *, density, trim, s
   for group in groups:
     size = sum(sizes[j] for j in group)
     k = _keep_count(density, size)
-    weights = np.concatenate([np.full(counts[j], sizes[j] / counts[j]) for j in group])
+    weights = np.concatenate([np.full(counts[j], sizes[j] / max(counts[j], 1)) for j in group])
     for i in range(len(model_leaves)):
       if k >= size:
         t = np.float32(0.0)

@@ -582,8 +582,10 @@ class LwFState(NamedTuple):
 def _segment_log_softmax(logits: jax.Array, segments: jax.Array) -> jax.Array:
   """log-softmax of (B, K) ``logits`` within each group of outputs given by (K,) ``segments``.
 
-  Dense over a (K, K) same-group matrix (a (B, K, K) max and a (B, K) x (K, K) matmul) rather
-  than segment ops, whose scatters dominated LwF's step on CPU; K is a head's size.
+  Dense over a (K, K) same-group matrix (a (B, K, K) max and a (B, K) x (K, K) matmul: O(B K^2),
+  K the model's output width) rather than segment ops, whose scatters dominated LwF's step on
+  CPU. The matmul mixes groups with weight 0, so a non-finite logit would reach every group:
+  callers pass finite values outside the groups they use (see `lwf_distillation`).
   """
   same = segments[:, None] == segments[None, :]
   top = jax.lax.stop_gradient(
@@ -612,8 +614,11 @@ def lwf_distillation(logits: jax.Array, old_logits: jax.Array, old_outputs: jax.
   k = logits.shape[-1]
   active = old_outputs & (groups >= 0)
   segments = jnp.where(active, groups, k)  # Segment k collects the outputs not distilled.
-  log_q = _segment_log_softmax(logits.astype(jnp.float32) / temperature, segments)
-  old = jax.lax.stop_gradient(old_logits.astype(jnp.float32))
+  # Outputs not distilled are zeroed: whatever they hold (even Inf or NaN) must not reach the
+  # distilled groups through the dense log-softmax.
+  logits = jnp.where(active, logits.astype(jnp.float32), 0.0)
+  old = jnp.where(active, jax.lax.stop_gradient(old_logits.astype(jnp.float32)), 0.0)
+  log_q = _segment_log_softmax(logits / temperature, segments)
   p = jnp.exp(_segment_log_softmax(old / temperature, segments))
   return -jnp.mean(jnp.sum(jnp.where(active, p * log_q, 0.0), axis=-1))
 

@@ -109,6 +109,16 @@ class SampledTiesTest(parameterized.TestCase):
                                            rf"\['w'\] \({counts}\)"):
         merging.ties(base, models, threshold=threshold, key=key, sample_size=256)
 
+  @parameterized.parameters('global', 'per_tensor')
+  def test_empty_leaves(self, trim):
+    # A zero-size leaf takes no part in the sample; with only empty leaves nothing is sampled.
+    base, models = _models({'a': (100,), 'e': (0, 4)}, n=2, seed=7)
+    for b, ms in [(base, models), ({'e': base['e']}, [{'e': m['e']} for m in models])]:
+      exact = merging.ties(b, ms, density=0.2, trim=trim)
+      sampled = merging.ties(b, ms, density=0.2, trim=trim, threshold='sampled',
+                             key=jax.random.key(0), sample_size=256)
+      jax.tree.map(np.testing.assert_array_equal, sampled, exact)
+
   def test_bad_arguments(self):
     base, models = _models({'w': (10,)}, n=2, seed=6)
     with pytest.raises(ValueError, match='needs key='):

@@ -339,6 +339,24 @@ class LwFTest(chex.TestCase):
       want[:, g] = (np_softmax(logits[:, g] / 2) - np_softmax(old[:, g] / 2)) / 2 / 5
     np.testing.assert_allclose(grad, want, rtol=1e-4, atol=1e-7)
 
+  @parameterized.parameters(np.inf, -np.inf, np.nan)
+  def test_outputs_not_distilled_cannot_poison_the_loss(self, bad):
+    # Output 3 is not distilled (no group): whatever it holds, the loss and gradient are those
+    # of the other outputs.
+    rng = np.random.default_rng(5)
+    z, z_old = rng.normal(size=(2, 3, 4)).astype(np.float32)
+    old_outputs = jnp.asarray([True, True, True, False])
+    groups = jnp.asarray([0, 0, 1, -1], jnp.int32)
+    kd = lambda a, b: regularizers.lwf_distillation(a, b, old_outputs, groups, temperature=2.0)
+    want = kd(jnp.asarray(z), jnp.asarray(z_old))
+    z_bad, z_old_bad = z.copy(), z_old.copy()
+    z_bad[:, 3] = bad
+    z_old_bad[:, 3] = bad
+    np.testing.assert_allclose(kd(jnp.asarray(z_bad), jnp.asarray(z_old_bad)), want, rtol=1e-6)
+    grad = jax.grad(kd)(jnp.asarray(z_bad), jnp.asarray(z_old_bad))
+    np.testing.assert_allclose(grad, jax.grad(kd)(jnp.asarray(z), jnp.asarray(z_old)), atol=1e-7)
+    np.testing.assert_array_equal(grad[:, 3], 0.0)
+
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.parameters('domain', 'class', 'task')
   def test_old_outputs_per_scenario(self, scenario):
