@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 
 from absl.testing import absltest
 from absl.testing import parameterized

@@ -15,7 +15,6 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from cljax.merging import checkpoint_merge
@@ -23,6 +22,7 @@ from cljax.merging import continual
 from cljax.merging import mergekit_config
 from cljax.merging import safetensors_reader
 from cljax.merging import static
+from .reference import np_trim, np_weighted_disjoint_mean, read_folder
 
 SHAPES = {'model.embed.weight': (20, 6), 'model.layers.0.w': (6, 5), 'model.norm': (6,),
           'scale': ()}
@@ -69,20 +69,6 @@ def folders(tmp_path):
   return tmp_path, base, models, paths
 
 
-def read_folder(folder):
-  """name -> array of a written output, via the index (or the single file), with safe_open."""
-  index = os.path.join(folder, 'model.safetensors.index.json')
-  if os.path.exists(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)['weight_map'].values()))
-  else:
-    files = ['model.safetensors']
-  out = {}
-  for file in files:
-    with safe_open(os.path.join(folder, file), framework='numpy') as f:
-      for name in f.keys():
-        out[name] = f.get_tensor(name)
-  return out
 
 
 def f32(tree):
@@ -214,14 +200,6 @@ def test_opcm_matches_library_up_to_the_global_scale_rounding(folders):
 # ------------------------------------------------------------------------------------------
 
 
-def np_trim(tv, density):
-  k = int(round(density * tv.size))
-  if k >= tv.size:
-    return tv
-  if k == 0:
-    return np.zeros_like(tv)
-  t = np.sort(np.abs(tv).reshape(-1))[::-1][k - 1]
-  return np.where(np.abs(tv) >= t, tv, 0)
 
 
 def test_weighted_linear_is_the_normalized_weighted_sum(folders):
@@ -261,14 +239,6 @@ def test_weighted_ties_disjoint_sum(folders, block_entries):
     np.testing.assert_allclose(merged[name], expected, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
-def np_weighted_disjoint_mean(xs, weights):
-  """mergekit's normalized sign consensus: sum of the agreeing w_i tau_i / sum of their w_i."""
-  x = np.stack(xs)
-  w = np.asarray(weights, np.float64).reshape((-1,) + (1,) * (x.ndim - 1))
-  sign = np.sign(x.sum(0))
-  agree = (np.sign(x) == sign) & (x != 0)
-  den = (w * agree).sum(0)
-  return (x * agree).sum(0) / np.where(den == 0, 1.0, den)   # mergekit: divisor 0 -> 1
 
 
 def np_disjoint_sum(xs):

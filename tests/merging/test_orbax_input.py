@@ -8,7 +8,6 @@ original arrays.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import textwrap
@@ -20,7 +19,6 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from cljax import checkpoint
@@ -33,6 +31,7 @@ from cljax.merging import mergekit_config
 from cljax.merging import safetensors_reader
 from cljax.methods import base as methods_base
 from cljax.methods import regularizers
+from .reference import np_trim, np_weighted_disjoint_mean, read_folder
 
 SMALL_BLOCKS = 13   # several row blocks per (20, 6) / (6, 5) tensor
 
@@ -78,19 +77,6 @@ def save_stage(directory, tree, step=1):
   return os.path.join(str(directory), str(step))
 
 
-def read_output(folder):
-  index = os.path.join(folder, 'model.safetensors.index.json')
-  if os.path.exists(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)['weight_map'].values()))
-  else:
-    files = ['model.safetensors']
-  out = {}
-  for file in files:
-    with safe_open(os.path.join(folder, file), framework='numpy') as f:
-      for name in f.keys():
-        out[name] = f.get_tensor(name)
-  return out
 
 
 def config_of(method, base, paths, *, weights=None, densities=None, **kw):
@@ -104,24 +90,8 @@ def merge(config, out, **kw):
   return checkpoint_merge.merge_checkpoints(config, str(out), progress=False, **kw)
 
 
-def np_trim(tv, density):
-  k = int(round(density * tv.size))
-  if k >= tv.size:
-    return tv
-  if k == 0:
-    return np.zeros_like(tv)
-  t = np.sort(np.abs(tv).reshape(-1))[::-1][k - 1]
-  return np.where(np.abs(tv) >= t, tv, 0)
 
 
-def np_weighted_disjoint_mean(xs, weights):
-  """mergekit's normalized TIES consensus, written from its definition (float64)."""
-  x = np.stack(xs)
-  w = np.asarray(weights, np.float64).reshape((-1,) + (1,) * (x.ndim - 1))
-  sign = np.sign(x.sum(0))
-  agree = (np.sign(x) == sign) & (x != 0)
-  den = (w * agree).sum(0)
-  return (x * agree).sum(0) / np.where(den == 0, 1.0, den)
 
 
 # ------------------------------------------------------------------------------------------
@@ -199,7 +169,7 @@ def test_weighted_task_arithmetic_of_orbax_models(orbax_models, block_entries):
   w = [0.5, 1.0, -0.3]
   merge(config_of('task_arithmetic', base_path, paths, weights=w, scaling=0.8), tmp / 'out',
         block_entries=block_entries, max_shard_size=600)
-  out = read_output(str(tmp / 'out'))
+  out = read_folder(str(tmp / 'out'))
   assert set(out) == set(base)
   for name in FLOAT_NAMES:
     b = base[name].astype(np.float64)
@@ -220,7 +190,7 @@ def test_normalized_weighted_ties_of_orbax_models(orbax_models, trim, block_entr
   config = config_of('ties', base_path, paths, weights=w, densities=d, scaling=0.9,
                      normalize=True, trim=trim)
   merge(config, tmp / 'out', block_entries=block_entries)
-  out = read_output(str(tmp / 'out'))
+  out = read_folder(str(tmp / 'out'))
   if trim == 'global':   # one threshold per model over every merged tensor
     sizes = [base[n].size for n in FLOAT_NAMES]
     tvs = [np.concatenate([(m[n].astype(np.float64) - base[n]).reshape(-1) for n in FLOAT_NAMES])
@@ -268,7 +238,7 @@ def test_merge_experiment_models_merge_through_the_command_line(tmp_path, monkey
       """))
   monkeypatch.chdir(tmp_path)
   assert cli.main(['merge.yml', 'merged', '--no-progress']) == 0
-  out = read_output(str(tmp_path / 'merged'))
+  out = read_folder(str(tmp_path / 'merged'))
   base, tuned = flat({'params': params}), [flat({'params': e}) for e in experts]
   assert all(not np.array_equal(t['params/dense0/kernel'], base['params/dense0/kernel'])
              for t in tuned)   # training moved the experts away from the base
@@ -296,7 +266,7 @@ def test_orbax_base_with_safetensors_models(tmp_path):
     paths.append(str(tmp_path / f'hf{i}'))
   base = flat(base)
   merge(config_of('linear', base_path, paths, weights=[3.0, 1.0], normalize=True), tmp_path / 'o')
-  out = read_output(str(tmp_path / 'o'))
+  out = read_folder(str(tmp_path / 'o'))
   for name in FLOAT_NAMES:
     expected = (3.0 * tuned[0][name].astype(np.float64) + tuned[1][name]) / 4.0
     np.testing.assert_allclose(out[name], expected, rtol=1e-6, atol=1e-7, err_msg=name)

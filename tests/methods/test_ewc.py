@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cljax import fisher
 from cljax.methods import base
 from cljax.methods import regularizers
 

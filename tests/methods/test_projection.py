@@ -11,7 +11,6 @@ import pytest
 
 from cljax import models
 from cljax import sharding
-from cljax import subspace
 from cljax import training
 from cljax.methods import base
 from cljax.methods import projection
