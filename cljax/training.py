@@ -119,6 +119,8 @@ def make_epoch_fn(apply_fn: ApplyFn, method: base.Method, optimizer: optax.Gradi
 
     def step(carry, batch):
       params, opt_state, method_state = carry
+      if method.before_step is not None:
+        params = method.before_step(params, method_state, batch, apply_fn)
       loss, grads, task_grads = step_grads(params, method_state, batch)
       updates, opt_state = tx.update(grads, opt_state, params)
       new_params = optax.apply_updates(params, updates)

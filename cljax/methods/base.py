@@ -27,6 +27,9 @@ functions, so a method never touches the loop and the loop never special-cases a
     state update inside the jitted loop, e.g. SI's path integral. ``task_grads`` are the
     gradients of the cross-entropy alone (without the method's term). ``None`` (the default)
     keeps the state constant during a task, and the step then differentiates one combined loss.
+  * ``before_step(params, state, batch, apply_fn) -> params`` (optional): inside the jitted loop,
+    moves the parameters before the step; the step's gradient is taken at, and its update
+    applied to, the returned parameters (refresh's unlearn step, Wang et al. 2024, Alg. 1).
   * ``prepare_data(params, state, data, apply_fn) -> Batch`` (optional): runs eagerly once
     before a task's training, with the parameters and state at the task's start, on the data
     to train on (host arrays); returns it, e.g. with ``teacher_logits`` recorded (LwF records
@@ -94,6 +97,7 @@ class Method(NamedTuple):
   after_step: Optional[Callable[[State, Params, Params, Params], State]] = None
   prepare_data: Optional[Callable[[Params, State, Batch, ApplyFn], Batch]] = None
   output_loss: Optional[Callable[[jax.Array, State, Batch, ApplyFn], jax.Array]] = None
+  before_step: Optional[Callable[[Params, State, Batch, ApplyFn], Params]] = None
 
 
 class EmptyState(NamedTuple):

@@ -22,25 +22,16 @@ How it is computed here (see `refresh` for the hyperparameters):
     by the damped inverse diagonal Fisher (1 + c F)^{-1} and scaled by gamma = ``unlearn_rate``.
     F is the diagonal Fisher of the latest task(s) (`cljax.fisher`), computed at each task's end
     (F = 0, no preconditioning, during the first task).
-  * The relearn gradient is taken at theta' and applied to theta: the unlearn displacement is a
-    look-ahead, as in sharpness-aware minimization, rather than a move of the parameters. The
-    `Method` contract lets a method change gradients but not the parameters themselves, so the
-    paper's version, which also keeps the displacement (theta <- theta' - eta grad L_CL(theta')),
-    is not expressible here; both share the first-order term that yields the gradient-norm
-    penalty above, and differ by the displacement itself (a preconditioned ascent step of size
-    gamma plus noise, which the reference code makes ~1e-5 of the parameter norm).
-
-As a `Method`, `refresh(inner)` returns ``loss = L_CL(theta') - CE(theta)`` with theta' =
-theta + stop_gradient(displacement) and the CE term's gradient g replaced by the constant g
-computed for the unlearn step, so that the training loop's ``CE(theta) + loss`` has the value
-and gradient of L_CL at theta': grad = grad CE(theta') + grad inner.loss(theta').
+  * The unlearn step is the method's ``before_step``: the training loop moves the parameters to
+    theta' and then takes its ordinary step there, theta <- theta' - eta grad L_CL(theta'), with
+    the wrapped method's loss, output term, gradient transform and optimizer: the paper's update
+    (Algorithm 1), unlearn displacement included. The step's reported loss is the cross-entropy
+    at theta'.
 
 References:
   Wang, Li, Shen & Huang, "A Unified and General Framework for Continual Learning", ICLR 2024,
   Sec. 4 (refresh learning: unlearn by Fisher-preconditioned Langevin ascent, then relearn) and
   Algorithm 1; reference code github.com/joey-wang123/CL-refresh-learning (models/derpp.py).
-  Foret et al., "Sharpness-Aware Minimization for Efficiently Improving Generalization", ICLR
-  2021 (gradient taken at a perturbed point, applied at the original one).
 """
 
 from __future__ import annotations
@@ -114,9 +105,10 @@ def refresh(
   """Refresh learning around ``inner``: every step unlearns the batch, then relearns it.
 
   See the module docstring for the update and how it maps onto the `Method` contract. The
-  wrapped method keeps its own loss term (evaluated at the unlearned point), gradient
-  transform, training data, consolidation and per-step hook (which receives the cross-entropy
-  gradient at theta, the one the training loop computes).
+  wrapped method keeps its own loss and output terms (evaluated at the unlearned point),
+  gradient transform, training data, recorded data (``prepare_data``), consolidation and
+  per-step hook (which receives the step from theta' and the cross-entropy gradient there, the
+  one the training loop computes).
 
   Args:
     inner: the continual method refreshed (e.g. `cljax.methods.regularizers.ewc()`).
@@ -166,27 +158,27 @@ def refresh(
     return RefreshState(inner.init(params), optax.tree.zeros_like(params),
                         jax.random.key_data(jax.random.key(seed)), jnp.zeros((), jnp.int32))
 
-  def loss(params, state, batch, apply_fn):
+  def before_step(params, state, batch, apply_fn):
+    """The unlearn step: theta' = theta + displacement (ascent on the batch's cross-entropy)."""
     def task_loss(p):
       return base.cross_entropy(apply_fn(p, batch.x, train=True), batch.y, batch.mask)
 
-    ce, grads = jax.lax.stop_gradient(jax.value_and_grad(task_loss)(params))
+    grads = jax.grad(task_loss)(params)
     if noise > 0:
       _, noise_key = jax.random.split(jax.random.wrap_key_data(state.key))
       xi = optax.tree.random_like(noise_key, params)
     else:
       xi = optax.tree.zeros_like(params)
-    delta = jax.lax.stop_gradient(unlearn_displacement(
-        params, grads, state.fisher, xi, unlearn_rate=unlearn_rate, noise_scale=noise,
-        fisher_weight=fisher_weight, normalize=normalize))
-    unlearned = optax.tree.add(params, delta)
-    relearn = task_loss(unlearned) + inner.loss(unlearned, state.inner, batch, apply_fn)
-    if inner.output_loss is not None:
-      relearn += inner.output_loss(apply_fn(unlearned, batch.x, train=True), state.inner, batch,
-                                   apply_fn)
-    # Value CE(theta) and gradient `grads`: cancels the training loop's own CE(theta) term.
-    loop_ce = ce + optax.tree.vdot(grads, optax.tree.sub(params, jax.lax.stop_gradient(params)))
-    return relearn - loop_ce
+    delta = unlearn_displacement(params, grads, state.fisher, xi, unlearn_rate=unlearn_rate,
+                                 noise_scale=noise, fisher_weight=fisher_weight,
+                                 normalize=normalize)
+    return optax.tree.add(params, delta)
+
+  def loss(params, state, batch, apply_fn):
+    return inner.loss(params, state.inner, batch, apply_fn)
+
+  def output_loss(logits, state, batch, apply_fn):
+    return inner.output_loss(logits, state.inner, batch, apply_fn)
 
   def gradient_transform(state):
     return inner.gradient_transform(state.inner)
@@ -217,4 +209,6 @@ def refresh(
   return base.Method(init=init, loss=loss, gradient_transform=gradient_transform,
                      end_task=end_task, training_data=inner.training_data,
                      after_step=after_step if needs_hook else None,
-                     prepare_data=prepare_data if inner.prepare_data is not None else None)
+                     prepare_data=prepare_data if inner.prepare_data is not None else None,
+                     output_loss=output_loss if inner.output_loss is not None else None,
+                     before_step=before_step if unlearn_rate > 0 else None)

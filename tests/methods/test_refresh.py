@@ -1,4 +1,4 @@
-"""refresh: the unlearn displacement and the relearn gradient against hand computations."""
+"""refresh: the unlearn step, the relearn gradient and the loop's update against hand computations."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from cljax import methods
+from cljax import training
 from cljax.methods import base
 from cljax.methods import refresh as refresh_lib
 from cljax.methods import regularizers
@@ -53,24 +55,27 @@ class DisplacementTest(chex.TestCase):
       assert_tree_close(got, want)
 
 
-class RelearnGradientTest(chex.TestCase):
+class UnlearnRelearnTest(chex.TestCase):
 
   def _loop_objective(self, method):
-    """What the training loop differentiates: CE(theta) + method.loss(theta)."""
+    """What the training loop differentiates at the step's point: CE + method.loss."""
     def total(params, state, batch):
       ce = base.cross_entropy(apply_fn(params, batch.x, train=True), batch.y, batch.mask)
       return ce + method.loss(params, state, batch, apply_fn)
     return total
 
   @chex.variants(with_jit=True, without_jit=True)
-  def test_value_and_gradient_are_the_inner_objective_at_the_unlearned_point(self):
+  def test_unlearn_point_and_relearn_gradient(self):
     theta, anchor = make_params(0), make_params(1)
     data = make_data(mask=[True, True, False], labels=[0, 1, 1, 0, 0, 1])
     inner = regularizers.l2(strength=0.8)
     method = refresh_lib.refresh(inner, unlearn_rate=0.05, noise=0.0, fisher_weight=0.0)
     state = method.init(theta)
     state = state._replace(inner=inner.end_task(anchor, state.inner, None, apply_fn))
-    value, grads = self.variant(jax.value_and_grad(self._loop_objective(method)))(theta, state, data)
+    unlearned = self.variant(lambda p, s, b: method.before_step(p, s, b, apply_fn))(
+        theta, state, data)
+    value, grads = self.variant(jax.value_and_grad(self._loop_objective(method)))(
+        unlearned, state, data)
     # By hand: ascend the batch's cross-entropy (norm-scaled per tensor), then take the full
     # objective's gradient there.
     t, a = np_params(theta), np_params(anchor)
@@ -78,6 +83,7 @@ class RelearnGradientTest(chex.TestCase):
     delta = np_displacement(t, np_ce_grad(t, data), zeros, zeros, rate=0.05, sigma=0.0, c=0.0,
                             normalize=True)
     t1 = jax.tree.map(np.add, t, delta)
+    assert_tree_close(unlearned, t1, rtol=1e-5, atol=1e-7)
     want_value = np_ce(t1, data) + 0.5 * 0.8 * sum(
         np.sum((x - y) ** 2) for x, y in zip(jax.tree.leaves(t1), jax.tree.leaves(a)))
     want_grads = jax.tree.map(lambda g, x, y: g + 0.8 * (x - y), np_ce_grad(t1, data), t1, a)
@@ -86,11 +92,31 @@ class RelearnGradientTest(chex.TestCase):
     # The unlearn step is an ascent step: the batch loss is higher at the unlearned point.
     assert np_ce(t1, data) > np_ce(t, data)
 
+  def test_training_step_is_taken_from_the_unlearned_point(self):
+    """One full-batch SGD step through `training.fit_task`: theta <- theta' - lr grad L(theta'),
+    the displacement kept (Wang et al. 2024, Algorithm 1)."""
+    theta, anchor, data, lr = make_params(0), make_params(1), make_data(), 0.1
+    inner = regularizers.l2(strength=0.8)
+    method = refresh_lib.refresh(inner, unlearn_rate=0.05, noise=0.0, fisher_weight=0.0)
+    state = method.init(theta)
+    state = state._replace(inner=inner.end_task(anchor, state.inner, None, apply_fn))
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ('data',))
+    result = training.fit_task(apply_fn, method, optax.sgd(lr), theta, state, data, epochs=1,
+                               batch_size=data.size, seed=0, mesh=mesh)
+    t, a = np_params(theta), np_params(anchor)
+    zeros = jax.tree.map(np.zeros_like, t)
+    t1 = jax.tree.map(np.add, t, np_displacement(t, np_ce_grad(t, data), zeros, zeros, rate=0.05,
+                                                 sigma=0.0, c=0.0, normalize=True))
+    want = jax.tree.map(lambda x, g, y: x - lr * (g + 0.8 * (x - y)), t1, np_ce_grad(t1, data), a)
+    assert_tree_close(result.params, want, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(result.losses, [np_ce(t1, data)], rtol=1e-5)
+
   def test_zero_rate_is_the_inner_method(self):
     theta, data = make_params(0), make_data()
     inner = regularizers.l2(strength=0.8)
     state = inner.end_task(make_params(1), inner.init(theta), None, apply_fn)
     method = refresh_lib.refresh(inner, unlearn_rate=0.0, noise=0.0)
+    assert method.before_step is None
     outer = method.init(theta)._replace(inner=state)
     got = jax.grad(self._loop_objective(method))(theta, outer, data)
     want = jax.grad(self._loop_objective(inner))(theta, state, data)
@@ -104,22 +130,22 @@ class RelearnGradientTest(chex.TestCase):
     # Same estimator, subset and seed as ewc's: the same Fisher.
     ewc = regularizers.ewc(fisher_estimator='empirical', num_samples=100)
     chex.assert_trees_all_close(state.fisher, ewc.end_task(theta, ewc.init(theta), data, apply_fn).fisher)
-    got = jax.jit(jax.grad(self._loop_objective(method)))(theta, state, data)
+    got = jax.jit(lambda p, s, b: method.before_step(p, s, b, apply_fn))(theta, state, data)
     t, f = np_params(theta), np_params(state.fisher)
     delta = np_displacement(t, np_ce_grad(t, data), f, jax.tree.map(np.zeros_like, t), rate=0.05,
                             sigma=0.0, c=10.0, normalize=True)
-    assert_tree_close(got, np_ce_grad(jax.tree.map(np.add, t, delta), data), rtol=1e-4, atol=1e-6)
+    assert_tree_close(got, jax.tree.map(np.add, t, delta), rtol=1e-5, atol=1e-7)
 
   def test_noise_changes_every_step(self):
     theta, data = make_params(0), make_data()
     method = refresh_lib.refresh(regularizers.finetune(), unlearn_rate=0.05, noise=1.0)
     state = method.init(theta)
-    objective = jax.jit(jax.grad(self._loop_objective(method)))
-    g0 = objective(theta, state, data)
-    chex.assert_trees_all_close(objective(theta, state, data), g0)  # Deterministic given the key.
-    state = method.after_step(state, theta, theta, g0)
-    g1 = objective(theta, state, data)
-    assert not np.allclose(np.asarray(g0['dense0']['kernel']), np.asarray(g1['dense0']['kernel']))
+    unlearn = jax.jit(lambda p, s, b: method.before_step(p, s, b, apply_fn))
+    p0 = unlearn(theta, state, data)
+    chex.assert_trees_all_close(unlearn(theta, state, data), p0)  # Deterministic given the key.
+    state = method.after_step(state, theta, theta, theta)
+    p1 = unlearn(theta, state, data)
+    assert not np.allclose(np.asarray(p0['dense0']['kernel']), np.asarray(p1['dense0']['kernel']))
 
 
 def test_wraps_the_inner_methods_hooks():
@@ -140,6 +166,16 @@ def test_wraps_the_inner_methods_hooks():
   assert joint.training_data([data, data]).size == 2 * data.size
   assert refresh_lib.refresh(regularizers.finetune()).training_data is None
   assert refresh_lib.refresh(regularizers.finetune(), noise=0.0).after_step is None
+  # LwF's recorded responses and distillation term pass through to the loop.
+  lwf = regularizers.lwf(strength=2.0)
+  wrapped = refresh_lib.refresh(lwf, noise=0.0)
+  outer = wrapped.init(theta)
+  prepared = wrapped.prepare_data(theta, outer, data, apply_fn)
+  np.testing.assert_allclose(prepared.teacher_logits,
+                             lwf.prepare_data(theta, outer.inner, data, apply_fn).teacher_logits)
+  logits = apply_fn(theta, data.x)
+  np.testing.assert_allclose(wrapped.output_loss(logits, outer, prepared, apply_fn),
+                             lwf.output_loss(logits, outer.inner, prepared, apply_fn))
 
 
 def test_named_constructor_builds_the_base_method_from_the_registry():
