@@ -24,7 +24,7 @@ def refresh_named(
     *,
     base_method: str = 'finetune',
     base_hparams: Optional[Mapping[str, Any]] = None,
-    unlearn_rate: float = 0.01,
+    unlearn_rate: float = 1e-5,
     noise: float = 0.0,
     fisher_weight: float = 0.001,
     normalize: bool = True,

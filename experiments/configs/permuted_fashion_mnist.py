@@ -23,7 +23,8 @@ stability over 10 tasks: a quadratic penalty of curvature k diverges under SGD w
     report for permuted MNIST.
   * replay keeps 1,000 examples in total (reservoir) and replays 32 per step.
   * refresh wraps ewc with the ewc row's hyperparameters, so the two rows differ by refresh
-    alone.
+    alone. Unlearn rate 1e-4, measured against 1e-5 (the reference code's), 1e-3 and 1e-2
+    (ACC / BWT 61.5 / -22.5, 62.5 / -19.0, 10.0 (collapsed)); 1e-4 gave 69.1 / -13.3.
 """
 
 import ml_collections
@@ -70,7 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.refresh = ml_collections.ConfigDict({
       'base_method': 'ewc',
       'base_hparams': {'strength': 10.0, 'fisher_estimator': 'exact', 'num_samples': 1024},
-      'unlearn_rate': 0.01,
+      'unlearn_rate': 1e-4,
       'noise': 0.0,
       'fisher_weight': 0.001,
   })

@@ -16,8 +16,7 @@ points with 3 epochs, ~49 with 5):
   * lwf: lambda_o = 3 forgets ~17 points (1: ~26): distillation on the new task's inputs
     protects a permuted (domain-incremental) stream only partly, as van de Ven & Tolias (2019)
     also report.
-  * refresh wraps ewc here. Wrapping finetune, it left forgetting within the seed-to-seed
-    spread (5 epochs: finetune 49 +- 4, refresh at unlearn rates 0.003-0.03: 46-53 +- 4-8).
+  * refresh wraps ewc here, at the library's default unlearn rate (the reference code's 1e-5).
 """
 
 from __future__ import annotations
