@@ -20,22 +20,11 @@ from cljax.methods.regularizers import ewc, finetune, l2, lwf, mas, online_ewc, 
 from cljax.methods.replay import joint
 
 
-def refresh_named(
-    *,
-    base_method: str = 'finetune',
-    base_hparams: Optional[Mapping[str, Any]] = None,
-    unlearn_rate: float = 1e-5,
-    noise: float = 0.0,
-    fisher_weight: float = 0.001,
-    normalize: bool = True,
-    fisher_decay: float = 0.0,
-    fisher_estimator: str = 'empirical',
-    num_samples: int = 1024,
-    fisher_batch_size: int = 32,
-    seed: int = 0,
-) -> Method:
+def refresh_named(*, base_method: str = 'finetune',
+                  base_hparams: Optional[Mapping[str, Any]] = None, **refresh_hparams) -> Method:
   """Refresh learning (`cljax.methods.refresh.refresh`) around the registered method
-  ``base_method`` built with ``base_hparams``; the other arguments are refresh's own.
+  ``base_method`` built with ``base_hparams``; ``refresh_hparams`` are refresh's own keyword
+  arguments (their names and defaults are refresh's: see the signature below).
 
   Raises:
     ValueError: an unknown or recursive base method, or a bad hyperparameter (of refresh, named
@@ -46,11 +35,16 @@ def refresh_named(
   if base_method not in REGISTRY:
     raise ValueError(f'unknown method {base_method!r} (config key `refresh.base_method`); '
                      f'choose from {sorted(REGISTRY)}')
-  return refresh.refresh(
-      get(base_method, base_hparams), unlearn_rate=unlearn_rate, noise=noise,
-      fisher_weight=fisher_weight, normalize=normalize, fisher_decay=fisher_decay,
-      fisher_estimator=fisher_estimator, num_samples=num_samples,
-      fisher_batch_size=fisher_batch_size, seed=seed)
+  return refresh.refresh(get(base_method, base_hparams), **refresh_hparams)
+
+
+# One source of refresh's hyperparameters and defaults: `get` checks config keys against this
+# signature, so it lists base_method, base_hparams and refresh's own keyword arguments.
+refresh_named.__signature__ = inspect.signature(refresh_named).replace(parameters=[
+    *[p for p in inspect.signature(refresh_named).parameters.values()
+      if p.kind == p.KEYWORD_ONLY],
+    *[p for p in inspect.signature(refresh.refresh).parameters.values()
+      if p.kind == p.KEYWORD_ONLY]])
 
 
 REGISTRY: dict[str, Callable[..., Method]] = {
