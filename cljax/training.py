@@ -125,7 +125,9 @@ def make_epoch_fn(apply_fn: ApplyFn, method: base.Method, optimizer: optax.Gradi
       updates, opt_state = tx.update(grads, opt_state, params)
       new_params = optax.apply_updates(params, updates)
       if method.after_step is not None:
-        method_state = method.after_step(method_state, params, new_params, task_grads)
+        # The step's updates, not the new parameters: a hook reading both old and new
+        # parameters makes XLA copy the parameters every step (the carry is updated in place).
+        method_state = method.after_step(method_state, params, updates, task_grads)
       return (new_params, opt_state, method_state), loss
 
     carry, losses = jax.lax.scan(step, (params, opt_state, method_state), batches)

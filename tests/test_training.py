@@ -87,7 +87,7 @@ def test_after_step_sees_task_gradients_only():
   apply_fn, params = _model()
   def loss(p, s, b, f):
     return 1e6 * optax.tree.sum(jax.tree.map(jnp.sum, p))
-  def after_step(state, old, new, task_grads):
+  def after_step(state, params, updates, task_grads):
     return CountState(state.steps + 1, state.grad_sum + optax.tree.sum(jax.tree.map(jnp.sum, task_grads)))
   method = base.Method(init=lambda p: CountState(jnp.zeros((), jnp.int32), jnp.zeros(())),
                        loss=loss, gradient_transform=base.identity_transform,
@@ -106,6 +106,35 @@ def test_after_step_sees_task_gradients_only():
   np.testing.assert_allclose(float(result.method_state.grad_sum), expected, rtol=1e-4, atol=1e-6)
 
 
+def test_after_step_updates_are_the_parameter_change():
+  """The hook's ``updates`` sum over a task to the parameters' total change, and ``params`` is
+  where each step started (momentum SGD, three steps)."""
+  apply_fn, params = _model()
+  class Track(NamedTuple):
+    moved: dict
+    start: dict
+  def after_step(state, p, updates, task_grads):
+    del task_grads
+    first = jnp.all(jnp.asarray([jnp.all(s == 0) for s in jax.tree.leaves(state.start)]))
+    start = jax.tree.map(lambda s, x: jnp.where(first, x, s), state.start, p)
+    return Track(jax.tree.map(jnp.add, state.moved, updates), start)
+  zeros = lambda p: jax.tree.map(jnp.zeros_like, p)
+  method = base.Method(init=lambda p: Track(zeros(p), zeros(p)), loss=base.no_loss,
+                       gradient_transform=base.identity_transform, end_task=base.keep_state,
+                       after_step=after_step)
+  result = training.fit_task(apply_fn, method, optax.sgd(0.1, momentum=0.9), params,
+                             method.init(params), _blobs(48), epochs=1, batch_size=16, seed=0,
+                             mesh=sharding.make_mesh())
+  np.testing.assert_allclose(
+      np.concatenate([np.ravel(a) for a in jax.tree.leaves(result.method_state.moved)]),
+      np.concatenate([np.ravel(np.asarray(n) - np.asarray(o)) for n, o in
+                      zip(jax.tree.leaves(result.params), jax.tree.leaves(params))]),
+      rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(
+      np.concatenate([np.ravel(a) for a in jax.tree.leaves(result.method_state.start)]),
+      np.concatenate([np.ravel(a) for a in jax.tree.leaves(params)]))
+
+
 def _output_loss_method(c, *, with_hook):
   """A method whose output term pulls the logits toward recorded targets (prepare_data)."""
   def prepare_data(params, state, data, apply_fn):
@@ -113,7 +142,7 @@ def _output_loss_method(c, *, with_hook):
     return data._replace(teacher_logits=targets)
   def output_loss(logits, state, batch, apply_fn):
     return c * jnp.mean(jnp.sum(jnp.square(logits - batch.teacher_logits), axis=-1))
-  def after_step(state, old, new, task_grads):
+  def after_step(state, params, updates, task_grads):
     return CountState(state.steps + 1, state.grad_sum + optax.tree.sum(jax.tree.map(jnp.sum, task_grads)))
   return base.Method(init=lambda p: CountState(jnp.zeros((), jnp.int32), jnp.zeros(())),
                      loss=base.no_loss, gradient_transform=base.identity_transform,

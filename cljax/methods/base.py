@@ -23,9 +23,11 @@ functions, so a method never touches the loop and the loop never special-cases a
   * ``training_data(seen) -> Batch`` (optional): the data trained on during the current task,
     given every task's training data seen so far, oldest first. ``None`` means the current task
     alone; `joint` returns all of them.
-  * ``after_step(state, old_params, new_params, task_grads) -> state`` (optional): a per-step
-    state update inside the jitted loop, e.g. SI's path integral. ``task_grads`` are the
-    gradients of the cross-entropy alone (without the method's term). ``None`` (the default)
+  * ``after_step(state, params, updates, task_grads) -> state`` (optional): a per-step
+    state update inside the jitted loop, e.g. SI's path integral. ``params`` are the parameters
+    the step started from and ``updates`` the step's change (the new parameters are
+    ``optax.apply_updates(params, updates)``); ``task_grads`` are the gradients of the
+    cross-entropy alone (without the method's term). ``None`` (the default)
     keeps the state constant during a task, and the step then differentiates one combined loss.
   * ``before_step(params, state, batch, apply_fn) -> params`` (optional): inside the jitted loop,
     moves the parameters before the step; the step's gradient is taken at, and its update

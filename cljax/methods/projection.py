@@ -749,8 +749,8 @@ def coso(
                      jnp.zeros((len(protected),), jnp.int32), fresh_sketches(protected),
                      jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
 
-  def after_step(state, old_params, new_params, task_grads):
-    del old_params, new_params
+  def after_step(state, params, updates, task_grads):
+    del params, updates
     protected = protected_layers(task_grads, layers, name='coso.layers')
     _, ells = _coso_ranks(protected, proj_rank, sketch_rank)
     leaves = jax.tree_util.tree_leaves(task_grads)

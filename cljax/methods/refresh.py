@@ -196,10 +196,10 @@ def refresh(
       fisher = jax.tree.map(lambda old, new: fisher_decay * old + new, state.fisher, f)
     return RefreshState(inner_state, fisher, state.key, state.num_tasks + 1)
 
-  def after_step(state, old_params, new_params, task_grads):
+  def after_step(state, params, updates, task_grads):
     inner_state = state.inner
     if inner.after_step is not None:
-      inner_state = inner.after_step(inner_state, old_params, new_params, task_grads)
+      inner_state = inner.after_step(inner_state, params, updates, task_grads)
     next_key, _ = jax.random.split(jax.random.wrap_key_data(state.key))
     return state._replace(inner=inner_state, key=jax.random.key_data(next_key))
 

@@ -392,9 +392,13 @@ class SIState(NamedTuple):
   anchor: Params
 
 
-def si_path_step(omega: Params, old_params: Params, new_params: Params, task_grads: Params) -> Params:
-  """omega_k <- omega_k - g_k * (theta_k(new) - theta_k(old)): one step of the path integral."""
-  return jax.tree.map(lambda w, o, n, g: w - g * (n - o), omega, old_params, new_params, task_grads)
+def si_path_step(omega: Params, updates: Params, task_grads: Params) -> Params:
+  """omega_k <- omega_k - g_k * delta theta_k: one step of the path integral (Eq. 3).
+
+  ``updates`` is the step's parameter change delta theta (the optimizer's updates), and
+  ``task_grads`` the unregularized gradient g at the step's start; all pytrees like params.
+  """
+  return jax.tree.map(lambda w, u, g: w - g * u, omega, updates, task_grads)
 
 
 def si_consolidate(state: SIState, params: Params, *, damping: float) -> SIState:
@@ -443,8 +447,9 @@ def si(*, strength: float = 0.1, damping: float = 0.1) -> base.Method:
     del batch, apply_fn
     return strength * weighted_quadratic(params, state.importance, state.anchor)
 
-  def after_step(state, old_params, new_params, task_grads):
-    return state._replace(omega=si_path_step(state.omega, old_params, new_params, task_grads))
+  def after_step(state, params, updates, task_grads):
+    del params
+    return state._replace(omega=si_path_step(state.omega, updates, task_grads))
 
   def end_task(params, state, task_data, apply_fn):
     del task_data, apply_fn

@@ -183,8 +183,8 @@ def replay(
     ce = base.cross_entropy(apply_fn(params, memory.x, train=True), memory.y, memory.mask)
     return jnp.where(state.seen > 0, strength * ce, 0.0)
 
-  def after_step(state, old_params, new_params, task_grads):
-    del old_params, new_params, task_grads
+  def after_step(state, params, updates, task_grads):
+    del params, updates, task_grads
     next_key, _ = jax.random.split(jax.random.wrap_key_data(state.key))
     return state._replace(key=jax.random.key_data(next_key))
 

@@ -154,10 +154,11 @@ def test_wraps_the_inner_methods_hooks():
   method = refresh_lib.refresh(si, noise=0.0)
   assert method.after_step is not None
   new = shifted(theta, 0.1, 3)
+  updates = jax.tree.map(jnp.subtract, new, theta)
   grads = shifted(jax.tree.map(jnp.zeros_like, theta), 1.0, 4)
-  state = method.after_step(method.init(theta), theta, new, grads)
+  state = method.after_step(method.init(theta), theta, updates, grads)
   chex.assert_trees_all_close(state.inner.omega,
-                              regularizers.si_path_step(si.init(theta).omega, theta, new, grads))
+                              regularizers.si_path_step(si.init(theta).omega, updates, grads))
   state = method.end_task(new, state, data, apply_fn)
   assert int(state.num_tasks) == 1
   chex.assert_trees_all_close(state.inner.anchor, new)

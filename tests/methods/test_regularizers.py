@@ -226,7 +226,7 @@ class SITest(chex.TestCase):
     grads = [shifted(jax.tree.map(jnp.zeros_like, theta0), 1.0, s) for s in (3, 4)]
     after_step = self.variant(method.after_step)
     for old, new, g in zip(trajectory, trajectory[1:], grads):
-      state = after_step(state, old, new, g)
+      state = after_step(state, old, jax.tree.map(jnp.subtract, new, old), g)
     t = [np_params(p) for p in trajectory]
     g = [np_params(x) for x in grads]
     omega = jax.tree.map(lambda t0, t1, t2, g0, g1: -g0 * (t1 - t0) - g1 * (t2 - t1), *t, *g)
