@@ -103,7 +103,7 @@ def main(argv):
 
   timers = {}
   for name in names:
-    method = methods.get(name, config.get(name))
+    method = methods.get(name, config.get(name), input_shape=shape)
     state = method.end_task(params, method.init(params), previous, apply_fn)
     data = one if method.prepare_data is None else method.prepare_data(params, state, one, apply_fn)
     timers[name] = _timer(apply_fn, method, optimizer, mesh, params, state, stack(data))

@@ -86,7 +86,8 @@ class _Loop:
   def __init__(self, config, stream, method_name, workdir, mesh):
     self.config, self.stream, self.name, self.workdir, self.mesh = (
         config, stream, method_name, workdir, mesh)
-    self.method = methods_lib.get(method_name, config.get(method_name))
+    self.method = methods_lib.get(method_name, config.get(method_name),
+                                  input_shape=stream.input_shape)
     module = models.make_model(config.model, num_outputs=stream.num_outputs,
                                **dict(config.model_kwargs))
     self.apply_fn = models.linen_apply_fn(module)
@@ -183,14 +184,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
   """
   if not config.methods:
     raise ValueError('config.methods is empty: name at least one method')
-  for name in config.methods:  # Fail on a bad method before any data loading or writing.
-    methods_lib.get(name, config.get(name))
   training.make_optimizer(config.optimizer, learning_rate=config.learning_rate,
                           momentum=config.momentum)
   mesh = sharding.make_mesh(config.num_devices or None, model=config.model_axis)
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh)
   stream = build_stream(config)
+  for name in config.methods:  # Fail on a bad method before any training or writing.
+    methods_lib.get(name, config.get(name), input_shape=stream.input_shape)
   module = models.make_model(config.model, num_outputs=stream.num_outputs,
                              **dict(config.model_kwargs))
   abstract_params = jax.eval_shape(

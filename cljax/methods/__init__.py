@@ -8,7 +8,7 @@ the wrapped method from the registry, which is what the config key ``refresh`` s
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from cljax.methods import base
 from cljax.methods import projection
@@ -64,12 +64,20 @@ REGISTRY: dict[str, Callable[..., Method]] = {
 }
 
 
-def get(name: str, hparams: Mapping[str, Any] | None = None) -> Method:
+def get(name: str, hparams: Mapping[str, Any] | None = None, *,
+        input_shape: Sequence[int] | None = None) -> Method:
   """Builds the method ``name`` with keyword hyperparameters ``hparams``.
 
+  Args:
+    name: a key of `REGISTRY`.
+    hparams: keyword hyperparameters (the config's ``<name>`` block).
+    input_shape: the shape of one input of the experiment's stream, e.g. (28, 28, 1). Passed to
+      methods whose state depends on it (`replay`'s buffer) unless ``hparams`` sets it.
+
   Raises:
-    ValueError: unknown method name, or a hyperparameter the method does not take (named with
-      its config key, ``<method>.<key>``).
+    ValueError: unknown method name, a hyperparameter the method does not take (named with
+      its config key, ``<method>.<key>``), or an ``input_shape`` hyperparameter that differs
+      from the stream's.
   """
   if name not in REGISTRY:
     raise ValueError(f'unknown method {name!r} (config key `methods`); choose from {sorted(REGISTRY)}')
@@ -80,4 +88,10 @@ def get(name: str, hparams: Mapping[str, Any] | None = None) -> Method:
   if unknown:
     raise ValueError(f'unknown hyperparameter(s) {", ".join(f"{name}.{k}" for k in unknown)}; '
                      f'{name} takes {sorted(accepted) or "none"}')
+  if input_shape is not None and 'input_shape' in accepted:
+    stream_shape = tuple(int(d) for d in input_shape)
+    given = hparams.setdefault('input_shape', stream_shape)
+    if not isinstance(given, (tuple, list)) or tuple(given) != stream_shape:
+      raise ValueError(f'{name}.input_shape is {given!r} but the stream\'s inputs are '
+                       f'{stream_shape}; leave it unset to use the stream\'s')
   return ctor(**hparams)

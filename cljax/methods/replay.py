@@ -112,7 +112,7 @@ def replay_batch(state: ReplayState, key: jax.Array, size: int) -> base.Batch:
 def replay(
     *,
     buffer_size: int = 1000,
-    input_shape: Sequence[int] = (),
+    input_shape: Sequence[int] | None = None,
     num_outputs: int = 0,
     replay_batch_size: int = 32,
     strength: float = 1.0,
@@ -133,11 +133,13 @@ def replay(
   example seen so far, never more than ``buffer_size`` of them.
 
   The state's shapes are fixed at ``init``, so the input shape and output count are
-  hyperparameters; a task whose data do not match raises.
+  hyperparameters; a task whose data do not match raises. In an experiment both are filled in:
+  the input shape from the stream (`cljax.methods.get`), the output count from the model.
 
   Args:
     buffer_size: M >= 0, examples stored in total (0 turns replay off).
-    input_shape: the shape of one input, e.g. (28, 28, 1).
+    input_shape: the shape of one input, e.g. (28, 28, 1); required when building replay
+      directly (`cljax.methods.get(..., input_shape=...)` and experiments pass the stream's).
     num_outputs: K, the model's output size (masks are (K,)); 0 infers it from the ``head``
       layer (see `cljax.methods.regularizers.infer_num_outputs`).
     replay_batch_size: R >= 1, replay examples per step.
@@ -159,7 +161,8 @@ def replay(
   if not shape or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0
                           for d in shape):
     raise ValueError(f'replay.input_shape must be a non-empty sequence of positive ints (the '
-                     f'shape of one input, e.g. (28, 28, 1)), got {input_shape!r}')
+                     f'shape of one input, e.g. (28, 28, 1); experiments fill it in from their '
+                     f'stream), got {input_shape!r}')
   regularizers.validate_int('replay.num_outputs', num_outputs, minimum=0)
   regularizers.validate_int('replay.replay_batch_size', replay_batch_size, minimum=1)
   regularizers.validate_non_negative('replay.strength', strength)

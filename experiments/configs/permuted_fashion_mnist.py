@@ -65,7 +65,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.lwf = ml_collections.ConfigDict({'strength': 1.0, 'temperature': 2.0})
   c.replay = ml_collections.ConfigDict({
       'buffer_size': 1000,
-      'input_shape': (28, 28, 1),
       'replay_batch_size': 32,
   })
   c.refresh = ml_collections.ConfigDict({

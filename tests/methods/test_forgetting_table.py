@@ -42,7 +42,7 @@ def _config() -> ml_collections.ConfigDict:
   c.si = ml_collections.ConfigDict({'strength': 3.0, 'damping': 0.1})
   c.mas = ml_collections.ConfigDict({'strength': 0.1, 'num_samples': 256})
   c.lwf = ml_collections.ConfigDict({'strength': 3.0, 'temperature': 2.0})
-  c.replay = ml_collections.ConfigDict({'buffer_size': 200, 'input_shape': (8, 8, 1),
+  c.replay = ml_collections.ConfigDict({'buffer_size': 200,
                                         'replay_batch_size': 32})
   c.refresh = ml_collections.ConfigDict({
       'base_method': 'ewc', 'base_hparams': {'strength': 30.0, 'num_samples': 256},

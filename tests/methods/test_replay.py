@@ -203,6 +203,19 @@ def test_bad_hyperparameters(hparams, match):
     methods.get('replay', {'input_shape': SHAPE, **hparams})
 
 
+def test_input_shape_comes_from_the_experiment():
+  with pytest.raises(ValueError, match=r'replay.input_shape .*got None'):
+    replay_lib.replay(buffer_size=4)
+  method = methods.get('replay', {'buffer_size': 4}, input_shape=SHAPE)
+  assert method.init(make_params()).x.shape == (4, *SHAPE)
+  # A config that sets it must agree with the stream.
+  assert methods.get('replay', {'input_shape': SHAPE}, input_shape=SHAPE) is not None
+  with pytest.raises(ValueError, match=r'replay.input_shape is \(9, 9, 1\) but the stream'):
+    methods.get('replay', {'input_shape': (9, 9, 1)}, input_shape=SHAPE)
+  # Methods without the hyperparameter ignore the stream's shape.
+  assert methods.get('si', {}, input_shape=SHAPE).after_step is not None
+
+
 # ------------------------------------------------------------------------ checkpoint, resume
 
 
@@ -225,7 +238,7 @@ def test_interrupted_run_resumes_with_the_same_buffer(tiny_config, tmp_path, mon
   config = tiny_config
   config.num_tasks, config.epochs = 2, 1
   config.methods = ('replay',)
-  config.replay = {'buffer_size': 64, 'input_shape': (8, 8, 1), 'replay_batch_size': 16}
+  config.replay = {'buffer_size': 64, 'replay_batch_size': 16}  # input_shape from the stream.
   full = experiment.run(config, str(tmp_path / 'full'))['replay']
 
   fit_task = training.fit_task
