@@ -6,8 +6,12 @@ one jitted `lax.scan` over ``--steps`` steps), the epoch of
 
   * ``plain``: finetune (no projection),
   * ``gpm``: GPM with the bases grown on tasks 0..t-1, as `cljax.methods.projection.gpm` runs it
-    (padded (d, d) bases, projected at the smallest static width holding the rank),
-  * ``full``: the same bases projected at their full padded width (`cljax.subspace.
+    by default (``projection='inputs'``: each Dense kernel's gradient computed in the backward
+    pass from its inputs projected off the basis, O(batch * d * k)),
+  * ``gpm_grad``: the same bases projecting the gradients before the optimizer
+    (``projection='gradients'``, O(d * k * out)); both at the smallest static width holding the
+    rank,
+  * ``full``: the gradients projected at the bases' full padded width (`cljax.subspace.
     project_gradients`), i.e. without the rank-bucketing,
 
 each the median of ``--repeats`` timed calls after a compiling one, the three interleaved. Then it
@@ -58,7 +62,7 @@ def _full_width_method(gpm: base.Method) -> base.Method:
   def transform(state):
     bases = {name: {'kernel': b} for name, b in zip(('dense0', 'dense1', 'head'), state.bases)}
     return subspace.project_gradients(bases)
-  return gpm._replace(gradient_transform=transform)
+  return gpm._replace(gradient_transform=transform, wrap_apply=None)
 
 
 def _batches(data: base.Batch, steps: int, batch_size: int, mesh) -> base.Batch:
@@ -101,27 +105,31 @@ def main(argv):
   optimizer = optax.sgd(0.01)
   plain = regularizers.finetune()
   gpm = projection.gpm(threshold=_THRESHOLDS, num_samples=300)
-  full = _full_width_method(gpm)
+  gpm_grad = projection.gpm(threshold=_THRESHOLDS, num_samples=300, projection='gradients')
+  full = _full_width_method(gpm_grad)
+  variants = ('gpm', 'gpm_grad', 'full')
   state = gpm.init(params)
   layers = projection.protected_layers(params, '.*kernel', name='gpm.layers')
   batch_sizes = [int(b) for b in _BATCH_SIZES.value]
   print(f'device: {jax.devices()[0].device_kind}, {_STEPS.value} steps per timed epoch, median '
         f'of {_REPEATS.value}; ranks are the bases in use while training task t')
-  header = ' | '.join(f'b={b}: plain us, gpm/plain, full/plain' for b in batch_sizes)
+  header = ' | '.join(f'b={b}: plain us, ' + ', '.join(f'{v}/plain' for v in variants)
+                      for b in batch_sizes)
   print(f'task | ranks ({", ".join(l.path for l in layers)}) | {header}')
-  ratios = {b: {'gpm': [], 'full': []} for b in batch_sizes}
+  ratios = {b: {v: [] for v in variants} for b in batch_sizes}
   for t, task in enumerate(stream.tasks):
     cells = []
     for b in batch_sizes:
       batches = _batches(task.train, _STEPS.value, b, mesh)
       timers = {name: _timer(apply_fn, m, optimizer, mesh, params,
                              base.EmptyState() if m is plain else state, batches)
-                for name, m in (('plain', plain), ('gpm', gpm), ('full', full))}
+                for name, m in (('plain', plain), ('gpm', gpm), ('gpm_grad', gpm_grad),
+                                ('full', full))}
       med = _time_task(timers, _REPEATS.value)
-      for name in ('gpm', 'full'):
+      for name in variants:
         ratios[b][name].append(med[name] / med['plain'])
-      cells.append(f'{1e6 * med["plain"] / _STEPS.value:7.1f}, {med["gpm"] / med["plain"]:6.2f}x, '
-                   f'{med["full"] / med["plain"]:6.2f}x')
+      cells.append(f'{1e6 * med["plain"] / _STEPS.value:7.1f}, ' +
+                   ', '.join(f'{med[v] / med["plain"]:6.2f}x' for v in variants))
     print(f'{t:4d} | {[int(k) for k in state.ranks]} | ' + ' | '.join(cells))
     subset = jax.tree.map(lambda a: a[:_TRAIN_STEPS.value * 10], task.train)
     result = training.fit_task(apply_fn, gpm, optimizer, params, state, subset, epochs=1,
@@ -131,8 +139,8 @@ def main(argv):
   print('\nmean over tasks of the per-task time ratio (= ratio of total training time, equal steps '
         'per task):')
   for b in batch_sizes:
-    print(f'  batch {b}: gpm/plain {np.mean(ratios[b]["gpm"]):.2f}x, full-width/plain '
-          f'{np.mean(ratios[b]["full"]):.2f}x')
+    print(f'  batch {b}: ' + ', '.join(f'{v}/plain {np.mean(ratios[b][v]):.2f}x'
+                                       for v in variants))
   dims = [l.dim for l in layers]
   ranks = [int(k) for k in state.ranks]
   used = sum(d * k for d, k in zip(dims, ranks))

@@ -54,14 +54,20 @@ def make_optimizer(name: str, *, learning_rate: float, momentum: float = 0.0) ->
   raise ValueError(f"unknown optimizer {name!r}; choose 'sgd' or 'adam' (config key `optimizer`)")
 
 
+def _train_apply(apply_fn: ApplyFn, method: base.Method, method_state: Any) -> ApplyFn:
+  """The forward pass the step differentiates: ``method.wrap_apply``'s, else ``apply_fn``."""
+  return apply_fn if method.wrap_apply is None else method.wrap_apply(apply_fn, method_state)
+
+
 def _output_losses_fn(apply_fn: ApplyFn, method: base.Method):
   """``(params, method_state, batch) -> (cross_entropy, output_term)`` from one forward pass."""
   def output_losses(params, method_state, batch: base.Batch):
-    logits = apply_fn(params, batch.x, train=True)
+    apply_fn_ = _train_apply(apply_fn, method, method_state)
+    logits = apply_fn_(params, batch.x, train=True)
     ce = base.cross_entropy(logits, batch.y, batch.mask)
     if method.output_loss is None:
       return ce, jnp.zeros((), ce.dtype)
-    return ce, method.output_loss(logits, method_state, batch, apply_fn)
+    return ce, method.output_loss(logits, method_state, batch, apply_fn_)
   return output_losses
 
 
@@ -78,14 +84,16 @@ def _step_grads(apply_fn: ApplyFn, method: base.Method):
   """
   output_losses = _output_losses_fn(apply_fn, method)
 
+  def method_loss(params, method_state, batch):
+    return method.loss(params, method_state, batch, _train_apply(apply_fn, method, method_state))
+
   def method_terms(params, method_state, batch):
-    return (output_losses(params, method_state, batch)[1]
-            + method.loss(params, method_state, batch, apply_fn))
+    return output_losses(params, method_state, batch)[1] + method_loss(params, method_state, batch)
 
   if method.after_step is None:
     def total_with_ce(p, s, b):
       ce, output_term = output_losses(p, s, b)
-      return ce + output_term + method.loss(p, s, b, apply_fn), ce
+      return ce + output_term + method_loss(p, s, b), ce
     total = jax.value_and_grad(total_with_ce, has_aux=True)
 
     def combined(params, method_state, batch):

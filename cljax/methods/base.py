@@ -32,6 +32,11 @@ functions, so a method never touches the loop and the loop never special-cases a
   * ``before_step(params, state, batch, apply_fn) -> params`` (optional): inside the jitted loop,
     moves the parameters before the step; the step's gradient is taken at, and its update
     applied to, the returned parameters (refresh's unlearn step, Wang et al. 2024, Alg. 1).
+  * ``wrap_apply(apply_fn, state) -> apply_fn`` (optional): the forward pass the training step
+    differentiates (the cross-entropy, ``output_loss`` and ``loss`` all see it), for a method
+    that acts inside backpropagation: GPM computes its projected Dense gradients from projected
+    layer inputs (`cljax.methods.projection.input_projected_dot`). It must not change the
+    outputs. Evaluation, ``prepare_data``, ``before_step`` and ``end_task`` get the plain one.
   * ``prepare_data(params, state, data, apply_fn) -> Batch`` (optional): runs eagerly once
     before a task's training, with the parameters and state at the task's start, on the data
     to train on (host arrays); returns it, e.g. with ``teacher_logits`` recorded (LwF records
@@ -100,6 +105,7 @@ class Method(NamedTuple):
   prepare_data: Optional[Callable[[Params, State, Batch, ApplyFn], Batch]] = None
   output_loss: Optional[Callable[[jax.Array, State, Batch, ApplyFn], jax.Array]] = None
   before_step: Optional[Callable[[Params, State, Batch, ApplyFn], Params]] = None
+  wrap_apply: Optional[Callable[[ApplyFn, State], ApplyFn]] = None
 
 
 class EmptyState(NamedTuple):

@@ -214,4 +214,6 @@ def refresh(
                      after_step=after_step if needs_hook else None,
                      prepare_data=prepare_data if inner.prepare_data is not None else None,
                      output_loss=output_loss if inner.output_loss is not None else None,
-                     before_step=before_step if unlearn_rate > 0 else None)
+                     before_step=before_step if unlearn_rate > 0 else None,
+                     wrap_apply=(None if inner.wrap_apply is None else
+                                 lambda fn, state: inner.wrap_apply(fn, state.inner)))

@@ -1,0 +1,108 @@
+"""GPM's input-side projection: the custom matmul against numpy, and whole steps against the
+gradient-side projection (the two modes must train identically)."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cljax import models
+from cljax import sharding
+from cljax import training
+from cljax.methods import base
+from cljax.methods import projection
+
+
+def _orthonormal(d, k, seed):
+  q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(d, k)))
+  return q
+
+
+class InputProjectedDotTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_forward_and_gradients_against_numpy(self):
+    for rank in (0, 3, 8):
+      rng = np.random.default_rng(rank)
+      x = rng.normal(size=(5, 3, 8)).astype(np.float32)  # N-D inputs, as Dense accepts.
+      w = rng.normal(size=(8, 6)).astype(np.float32)
+      c = rng.normal(size=(5, 3, 6)).astype(np.float32)
+      q = _orthonormal(8, rank, rank) if rank else np.zeros((8, 0))
+      basis = np.pad(q, ((0, 0), (0, 8 - rank))).astype(np.float32)
+
+      def loss(x, w):
+        return jnp.sum(c * projection.input_projected_dot(x, w, jnp.asarray(basis),
+                                                          jnp.int32(rank)))
+      value, (dx, dw) = self.variant(jax.value_and_grad(loss, argnums=(0, 1)))(x, w)
+
+      x2, c2 = x.reshape(-1, 8).astype(np.float64), c.reshape(-1, 6).astype(np.float64)
+      np.testing.assert_allclose(value, np.sum(c2 * (x2 @ w)), rtol=1e-5)
+      np.testing.assert_allclose(dx, c @ w.T, rtol=1e-5, atol=1e-5)
+      expected = (np.eye(8) - q @ q.T) @ x2.T @ c2  # GPM's Eq. 10 on the plain gradient.
+      np.testing.assert_allclose(dw, expected, rtol=1e-4, atol=1e-5)
+      if rank == 8:  # A full basis leaves nothing to learn.
+        np.testing.assert_allclose(dw, 0.0, atol=1e-5)
+
+
+def _task(n, seed, shape, k=4):
+  rng = np.random.default_rng(seed)
+  x = rng.random((n, *shape)).astype(np.float32)
+  y = np.argmax(x.reshape(n, -1) @ rng.normal(size=(int(np.prod(shape)), k)), -1).astype(np.int32)
+  return base.Batch(x, y, np.ones((n, k), bool))
+
+
+def _train_both_modes(module, shape):
+  """One task consolidated, then one epoch of the second with each mode, from the same state."""
+  apply_fn = models.linen_apply_fn(module)
+  params = jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, *shape)))['params']
+  optimizer = optax.sgd(0.05, momentum=0.9)
+  mesh = sharding.make_mesh()
+  out = {}
+  for mode in ('inputs', 'gradients'):
+    method = projection.gpm(threshold=0.9, num_samples=32, projection=mode)
+    assert (method.wrap_apply is not None) == (mode == 'inputs')
+    state = method.end_task(params, method.init(params), _task(64, 0, shape), apply_fn)
+    assert min(int(r) for r in state.ranks) > 0
+    result = training.fit_task(apply_fn, method, optimizer, params, state, _task(96, 1, shape),
+                               epochs=1, batch_size=16, seed=0, mesh=mesh)
+    out[mode] = result
+  return params, out
+
+
+def test_mlp_steps_match_the_gradient_projection():
+  module = models.MLP(hidden=(16, 16), num_outputs=4, use_bias=True)
+  params, out = _train_both_modes(module, (6, 6, 1))
+  chex.assert_trees_all_close(out['inputs'].params, out['gradients'].params, atol=2e-6, rtol=1e-5)
+  np.testing.assert_allclose(out['inputs'].losses, out['gradients'].losses, rtol=1e-5)
+  # And training did move the parameters (the comparison is not between two no-ops).
+  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), out['inputs'].params, params)
+  assert min(jax.tree.leaves(moved)) > 1e-3
+
+
+def test_cnn_dense_layers_in_the_backward_pass_convs_on_the_gradient():
+  module = models.CNN(channels=(3, 4), hidden=(8,), num_outputs=4, use_bias=True)
+  _, out = _train_both_modes(module, (8, 8, 2))
+  chex.assert_trees_all_close(out['inputs'].params, out['gradients'].params, atol=2e-6, rtol=1e-5)
+
+
+def test_a_kernel_not_used_by_a_dense_layer_is_named():
+  def apply_fn(params, x, *, train=False, rngs=None):
+    del train, rngs
+    return jnp.reshape(x, (x.shape[0], -1)) @ params['linear']['kernel']
+  params = {'linear': {'kernel': jnp.zeros((36, 4))}}
+  data = _task(32, 0, (6, 6, 1))
+  rep = lambda p, x: {'linear/kernel': jnp.asarray(np.reshape(x, (len(x), -1)).T)}
+  kwargs = dict(batch_size=16, epochs=1, seed=0, mesh=sharding.make_mesh())
+  method = projection.gpm(representation_fn=rep)
+  with pytest.raises(ValueError, match=r"\['linear/kernel'\] were not called as a plain "
+                                       r"nn.Dense.*gpm.projection='gradients'"):
+    training.fit_task(apply_fn, method, optax.sgd(0.1), params, method.init(params), data, **kwargs)
+  method = projection.gpm(representation_fn=rep, projection='gradients')
+  training.fit_task(apply_fn, method, optax.sgd(0.1), params, method.init(params), data, **kwargs)
+
+
+def test_unknown_projection_is_named():
+  with pytest.raises(ValueError, match='gpm.projection'):
+    projection.gpm(projection='outputs')
