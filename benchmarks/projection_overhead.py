@@ -6,7 +6,7 @@ one jitted `lax.scan` over ``--steps`` steps), the epoch of
 
   * ``plain``: finetune (no projection),
   * ``gpm``: GPM with the bases grown on tasks 0..t-1, as `cljax.methods.projection.gpm` runs it
-    by default (``projection='inputs'``: each Dense kernel's gradient computed in the backward
+    by default (``projection='backward'``: each Dense kernel's gradient computed in the backward
     pass from its inputs projected off the basis, O(batch * d * k)),
   * ``gpm_grad``: the same bases projecting the gradients before the optimizer
     (``projection='gradients'``, O(d * k * out)); both at the smallest static width holding the

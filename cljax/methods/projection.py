@@ -194,7 +194,7 @@ def project_off_output(g: jax.Array, basis: jax.Array, rank: Any) -> jax.Array:
   return project_off_input(g.T, basis, rank).T
 
 
-# ------------------------------------------------- input-side projection of a Dense layer
+# ------------------------------------------- projection inside a Dense layer's backward pass
 
 
 def _dense_dot(x: jax.Array, kernel: jax.Array, precision: Any) -> jax.Array:
@@ -204,13 +204,14 @@ def _dense_dot(x: jax.Array, kernel: jax.Array, precision: Any) -> jax.Array:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def input_projected_dot(x: jax.Array, kernel: jax.Array, basis: jax.Array, rank: Any,
                         precision: Any = None) -> jax.Array:
-  """``x @ kernel`` whose kernel gradient is taken with the inputs projected off a basis.
+  """``x @ kernel`` whose kernel gradient is projected off a basis of its input space.
 
   Forward: y = X W, as `flax.linen.Dense`. Backward: dL/dX = dY Wᵀ as usual, and
-  dL/dW = (X - X M Mᵀ)ᵀ dY = (I - M Mᵀ) Xᵀ dY, i.e. exactly GPM's projected gradient (Saha et
-  al. 2021, Eq. 10) of this call, computed from the (n, d) inputs instead of the (d, out)
-  gradient: O(n * d * k) instead of O(d * k * out) multiply-adds, k the rank (bucketed as in
-  `project_off_input`). For GPM's MLP at batch 10 that is 10x fewer. A layer called several
+  dL/dW = (I - M Mᵀ) Xᵀ dY, exactly GPM's projected gradient (Saha et al. 2021, Eq. 10) of this
+  call, evaluated on the cheaper side: with n = rows of X (the batch) no more than ``out``, as
+  (X - X M Mᵀ)ᵀ dY from the projected (n, d) inputs, O(n * d * k) multiply-adds; otherwise by
+  projecting the (d, out) gradient, O(d * k * out) (k the rank, bucketed as in
+  `project_off_input`). For GPM's MLP at batch 10 the first is 10x fewer. A layer called several
   times gets the projection of each call's contribution, whose sum is the projection of the sum.
 
   Args:
@@ -227,6 +228,10 @@ def input_projected_dot(x: jax.Array, kernel: jax.Array, basis: jax.Array, rank:
   return _dense_dot(x, kernel, precision)
 
 
+def _dot(a: jax.Array, b: jax.Array, precision: Any) -> jax.Array:
+  return jax.lax.dot_general(a, b.astype(a.dtype), (((1,), (0,)), ((), ())), precision=precision)
+
+
 def _input_projected_fwd(x, kernel, basis, rank, precision):
   return _dense_dot(x, kernel, precision), (x, kernel, basis, rank)
 
@@ -236,9 +241,11 @@ def _input_projected_bwd(precision, residuals, dy):
   dx = jax.lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())), precision=precision)
   x2 = jnp.reshape(x, (-1, x.shape[-1]))
   dy2 = jnp.reshape(dy, (-1, dy.shape[-1]))
-  projected = project_off_input(x2.T, basis, rank)  # (d, n): (I - M Mᵀ) Xᵀ.
-  dkernel = jax.lax.dot_general(projected, dy2.astype(projected.dtype), (((1,), (0,)), ((), ())),
-                                precision=precision)
+  xt = x2.T.astype(jnp.promote_types(x2.dtype, dy2.dtype))
+  if x2.shape[0] <= dy2.shape[1]:  # Static: project the n input rows, (I - M Mᵀ) Xᵀ, then dY.
+    dkernel = _dot(project_off_input(xt, basis, rank), dy2, precision)
+  else:  # Project the (d, out) gradient Xᵀ dY.
+    dkernel = project_off_input(_dot(xt, dy2, precision), basis, rank)
   return dx.astype(x.dtype), dkernel.astype(kernel.dtype), None, None
 
 
@@ -314,8 +321,8 @@ def input_projected_apply(apply_fn: base.ApplyFn, bases: Sequence[jax.Array], ra
       out = apply_fn(params, x, **kwargs)
     missing = [layer.path for i, layer in enumerate(layers) if i not in called]
     if missing:
-      raise ValueError(f"{name}.projection='inputs' projects the inputs of flax.linen.Dense "
-                       f'layers, but {missing} were not called as a plain nn.Dense (default '
+      raise ValueError(f"{name}.projection='backward' projects the kernels of flax.linen.Dense "
+                       f'layers in their backward pass, but {missing} were not called as a plain nn.Dense (default '
                        f"dot_general) by the model; set {name}.projection='gradients'")
     return out
 
@@ -479,13 +486,13 @@ class GPMState(NamedTuple):
   num_tasks: jax.Array
 
 
-_PROJECTIONS = ('inputs', 'gradients')
+_PROJECTIONS = ('backward', 'gradients')
 
 
 def _forward_projected(params: Params, layers: Sequence[Layer], projection: str) -> list[bool]:
-  """Per layer: is its gradient projected in the forward pass (a Dense kernel, 'inputs' mode)?"""
+  """Per layer: is its gradient projected in the forward pass (a Dense kernel, 'backward' mode)?"""
   leaves = jax.tree_util.tree_leaves(params)
-  return [projection == 'inputs' and np.ndim(leaves[l.index]) == 2 for l in layers]
+  return [projection == 'backward' and np.ndim(leaves[l.index]) == 2 for l in layers]
 
 
 def _gpm_transform(state: GPMState, layers_pattern: str, freeze_others: bool, projection: str
@@ -507,7 +514,7 @@ def _gpm_transform(state: GPMState, layers_pattern: str, freeze_others: bool, pr
     if freeze_others:
       first = (state.num_tasks == 0)
       others = lambda g: g * first.astype(g.dtype)
-    # Dense kernels in 'inputs' mode were projected inside the backward pass (`gpm_apply`).
+    # Dense kernels in 'backward' mode were projected inside the backward pass (`gpm_apply`).
     done = _forward_projected(updates, layers, projection)
     fn = lambda i, g: g if done[i] else project_off_input(g, state.bases[i], state.ranks[i])
     return _map_layers(updates, layers, fn, others), opt_state
@@ -516,14 +523,14 @@ def _gpm_transform(state: GPMState, layers_pattern: str, freeze_others: bool, pr
 
 
 def _gpm_apply(apply_fn: base.ApplyFn, state: GPMState, layers_pattern: str) -> base.ApplyFn:
-  """The training forward pass of GPM in 'inputs' mode (see `input_projected_apply`)."""
+  """The training forward pass of GPM in 'backward' mode (see `input_projected_apply`)."""
   def apply(params, x, **kwargs):
     layers = protected_layers(params, layers_pattern, name='gpm.layers')
     if len(layers) != len(state.bases):
       raise ValueError(f'gpm.layers selects {len(layers)} layers but the state holds '
                        f'{len(state.bases)} bases; the method state does not belong to these '
                        'params')
-    dense = [i for i, d in enumerate(_forward_projected(params, layers, 'inputs')) if d]
+    dense = [i for i, d in enumerate(_forward_projected(params, layers, 'backward')) if d]
     for i in dense:
       _check_width(state.bases[i], layers[i].dim, layers[i], 'input')
     projected = input_projected_apply(
@@ -542,7 +549,7 @@ def gpm(
     max_rank: int = 0,
     freeze_others: bool = False,
     representation_fn: Optional[RepresentationFn] = None,
-    projection: str = 'inputs',
+    projection: str = 'backward',
     seed: int = 0,
 ) -> base.Method:
   """Gradient Projection Memory: gradients projected off the input subspaces of earlier tasks.
@@ -575,10 +582,10 @@ def gpm(
       layer's representation; default `layer_representations` over the method's ``apply_fn``
       (Flax Linen models).
     projection: where the projection is computed; both give the same gradients (to float
-      rounding). 'inputs' (default): a protected Dense kernel's gradient is computed in the
-      backward pass from its inputs projected off the basis, (X - X M Mᵀ)ᵀ dY
-      (`input_projected_dot`), costing O(batch * d * k) instead of O(d * k * out); conv kernels
-      are projected as gradients. Needs a Flax Linen model whose protected 2-D kernels belong to
+      rounding). 'backward' (default): a protected Dense kernel's gradient is projected inside
+      the backward pass (`input_projected_dot`), from its projected inputs (X - X M Mᵀ)ᵀ dY when
+      the batch is no larger than the layer's outputs, O(batch * d * k) instead of
+      O(d * k * out); conv kernels are projected as gradients. Needs a Flax Linen model whose protected 2-D kernels belong to
       plain ``nn.Dense`` layers (otherwise the first step raises, naming them). 'gradients': every
       protected gradient is projected by the optax transform before the optimizer, for any model.
     seed: seeds the example subsets.
@@ -633,7 +640,7 @@ def gpm(
       init=init, loss=base.no_loss,
       gradient_transform=lambda s: _gpm_transform(s, layers, freeze_others, projection),
       end_task=end_task,
-      wrap_apply=(lambda fn, s: _gpm_apply(fn, s, layers)) if projection == 'inputs' else None)
+      wrap_apply=(lambda fn, s: _gpm_apply(fn, s, layers)) if projection == 'backward' else None)
 
 
 # --------------------------------------------------------------------------------- osft

@@ -24,11 +24,12 @@ class InputProjectedDotTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_forward_and_gradients_against_numpy(self):
-    for rank in (0, 3, 8):
+    # 15 input rows: 6 outputs take the gradient-side branch, 20 the input-side one.
+    for rank, out in ((0, 6), (3, 6), (8, 6), (0, 20), (3, 20), (8, 20)):
       rng = np.random.default_rng(rank)
       x = rng.normal(size=(5, 3, 8)).astype(np.float32)  # N-D inputs, as Dense accepts.
-      w = rng.normal(size=(8, 6)).astype(np.float32)
-      c = rng.normal(size=(5, 3, 6)).astype(np.float32)
+      w = rng.normal(size=(8, out)).astype(np.float32)
+      c = rng.normal(size=(5, 3, out)).astype(np.float32)
       q = _orthonormal(8, rank, rank) if rank else np.zeros((8, 0))
       basis = np.pad(q, ((0, 0), (0, 8 - rank))).astype(np.float32)
 
@@ -37,7 +38,7 @@ class InputProjectedDotTest(chex.TestCase):
                                                           jnp.int32(rank)))
       value, (dx, dw) = self.variant(jax.value_and_grad(loss, argnums=(0, 1)))(x, w)
 
-      x2, c2 = x.reshape(-1, 8).astype(np.float64), c.reshape(-1, 6).astype(np.float64)
+      x2, c2 = x.reshape(-1, 8).astype(np.float64), c.reshape(-1, out).astype(np.float64)
       np.testing.assert_allclose(value, np.sum(c2 * (x2 @ w)), rtol=1e-5)
       np.testing.assert_allclose(dx, c @ w.T, rtol=1e-5, atol=1e-5)
       expected = (np.eye(8) - q @ q.T) @ x2.T @ c2  # GPM's Eq. 10 on the plain gradient.
@@ -60,9 +61,9 @@ def _train_both_modes(module, shape):
   optimizer = optax.sgd(0.05, momentum=0.9)
   mesh = sharding.make_mesh()
   out = {}
-  for mode in ('inputs', 'gradients'):
+  for mode in ('backward', 'gradients'):
     method = projection.gpm(threshold=0.9, num_samples=32, projection=mode)
-    assert (method.wrap_apply is not None) == (mode == 'inputs')
+    assert (method.wrap_apply is not None) == (mode == 'backward')
     state = method.end_task(params, method.init(params), _task(64, 0, shape), apply_fn)
     assert min(int(r) for r in state.ranks) > 0
     result = training.fit_task(apply_fn, method, optimizer, params, state, _task(96, 1, shape),
@@ -74,17 +75,17 @@ def _train_both_modes(module, shape):
 def test_mlp_steps_match_the_gradient_projection():
   module = models.MLP(hidden=(16, 16), num_outputs=4, use_bias=True)
   params, out = _train_both_modes(module, (6, 6, 1))
-  chex.assert_trees_all_close(out['inputs'].params, out['gradients'].params, atol=2e-6, rtol=1e-5)
-  np.testing.assert_allclose(out['inputs'].losses, out['gradients'].losses, rtol=1e-5)
+  chex.assert_trees_all_close(out['backward'].params, out['gradients'].params, atol=2e-6, rtol=1e-5)
+  np.testing.assert_allclose(out['backward'].losses, out['gradients'].losses, rtol=1e-5)
   # And training did move the parameters (the comparison is not between two no-ops).
-  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), out['inputs'].params, params)
+  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), out['backward'].params, params)
   assert min(jax.tree.leaves(moved)) > 1e-3
 
 
 def test_cnn_dense_layers_in_the_backward_pass_convs_on_the_gradient():
   module = models.CNN(channels=(3, 4), hidden=(8,), num_outputs=4, use_bias=True)
   _, out = _train_both_modes(module, (8, 8, 2))
-  chex.assert_trees_all_close(out['inputs'].params, out['gradients'].params, atol=2e-6, rtol=1e-5)
+  chex.assert_trees_all_close(out['backward'].params, out['gradients'].params, atol=2e-6, rtol=1e-5)
 
 
 def test_a_kernel_not_used_by_a_dense_layer_is_named():
