@@ -54,15 +54,18 @@ def make_optimizer(name: str, *, learning_rate: float, momentum: float = 0.0) ->
   raise ValueError(f"unknown optimizer {name!r}; choose 'sgd' or 'adam' (config key `optimizer`)")
 
 
-def _train_apply(apply_fn: ApplyFn, method: base.Method, method_state: Any) -> ApplyFn:
+def _train_apply(apply_fn: ApplyFn, method: base.Method, method_state: Any,
+                 batch: base.Batch) -> ApplyFn:
   """The forward pass the step differentiates: ``method.wrap_apply``'s, else ``apply_fn``."""
-  return apply_fn if method.wrap_apply is None else method.wrap_apply(apply_fn, method_state)
+  if method.wrap_apply is None:
+    return apply_fn
+  return method.wrap_apply(apply_fn, method_state, batch)
 
 
 def _output_losses_fn(apply_fn: ApplyFn, method: base.Method):
   """``(params, method_state, batch) -> (cross_entropy, output_term)`` from one forward pass."""
   def output_losses(params, method_state, batch: base.Batch):
-    apply_fn_ = _train_apply(apply_fn, method, method_state)
+    apply_fn_ = _train_apply(apply_fn, method, method_state, batch)
     logits = apply_fn_(params, batch.x, train=True)
     ce = base.cross_entropy(logits, batch.y, batch.mask)
     if method.output_loss is None:
@@ -85,7 +88,8 @@ def _step_grads(apply_fn: ApplyFn, method: base.Method):
   output_losses = _output_losses_fn(apply_fn, method)
 
   def method_loss(params, method_state, batch):
-    return method.loss(params, method_state, batch, _train_apply(apply_fn, method, method_state))
+    return method.loss(params, method_state, batch,
+                       _train_apply(apply_fn, method, method_state, batch))
 
   def method_terms(params, method_state, batch):
     return output_losses(params, method_state, batch)[1] + method_loss(params, method_state, batch)

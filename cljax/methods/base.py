@@ -32,11 +32,10 @@ functions, so a method never touches the loop and the loop never special-cases a
   * ``before_step(params, state, batch, apply_fn) -> params`` (optional): inside the jitted loop,
     moves the parameters before the step; the step's gradient is taken at, and its update
     applied to, the returned parameters (refresh's unlearn step, Wang et al. 2024, Alg. 1).
-  * ``wrap_apply(apply_fn, state) -> apply_fn`` (optional): the forward pass the training step
-    differentiates (the cross-entropy, ``output_loss`` and ``loss`` all see it), for a method
-    that acts inside backpropagation: GPM computes its projected Dense gradients from projected
-    layer inputs (`cljax.methods.projection.input_projected_dot`). It must not change the
-    outputs. Evaluation, ``prepare_data``, ``before_step`` and ``end_task`` get the plain one.
+  * ``wrap_apply(apply_fn, state, batch) -> apply_fn`` (optional): the forward pass the training
+    step differentiates on ``batch`` (the cross-entropy, ``output_loss`` and ``loss`` all see
+    it), for a method that acts inside backpropagation: GPM projects its Dense gradients there
+    (`cljax.methods.projection.input_projected_dot`). It must not change the outputs. Evaluation, ``prepare_data``, ``before_step`` and ``end_task`` get the plain one.
   * ``prepare_data(params, state, data, apply_fn) -> Batch`` (optional): runs eagerly once
     before a task's training, with the parameters and state at the task's start, on the data
     to train on (host arrays); returns it, e.g. with ``teacher_logits`` recorded (LwF records
@@ -78,15 +77,19 @@ class Batch(NamedTuple):
       streams.
     teacher_logits: None, or (B, num_outputs) float32: a reference model's outputs on ``x``
       recorded by a method's ``prepare_data`` hook before the task (LwF's old-model responses).
+    projected_inputs: None, or ``{parameter path: (B, d) float32}``: for a protected layer that
+      reads the model's input itself, that input projected off the layer's basis, recorded by
+      ``prepare_data`` before the task (GPM: once per example instead of once per step).
 
   Batches are pytrees; transform every array of one with ``jax.tree.map(fn, batch)``, which
-  skips an absent (None) ``teacher_logits``.
+  skips the absent (None) optional fields.
   """
 
   x: Any
   y: Any
   mask: Any
   teacher_logits: Any = None
+  projected_inputs: Any = None
 
   @property
   def size(self) -> int:
@@ -105,7 +108,7 @@ class Method(NamedTuple):
   prepare_data: Optional[Callable[[Params, State, Batch, ApplyFn], Batch]] = None
   output_loss: Optional[Callable[[jax.Array, State, Batch, ApplyFn], jax.Array]] = None
   before_step: Optional[Callable[[Params, State, Batch, ApplyFn], Params]] = None
-  wrap_apply: Optional[Callable[[ApplyFn, State], ApplyFn]] = None
+  wrap_apply: Optional[Callable[[ApplyFn, State, Batch], ApplyFn]] = None
 
 
 class EmptyState(NamedTuple):

@@ -252,6 +252,56 @@ def _input_projected_bwd(precision, residuals, dy):
 input_projected_dot.defvjp(_input_projected_fwd, _input_projected_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def preprojected_dot(x: jax.Array, kernel: jax.Array, projected_x: jax.Array,
+                     precision: Any = None) -> jax.Array:
+  """``x @ kernel`` whose kernel gradient is ``projected_xᵀ dY``, the inputs projected beforehand.
+
+  For a layer whose inputs are the model's inputs, and so fixed during a task, GPM's projected
+  gradient (I - M Mᵀ) Xᵀ dY = (X - X M Mᵀ)ᵀ dY can use inputs projected once per example before
+  the task (`project_rows`): the step then costs what an unprojected one does.
+
+  Args:
+    x: (..., d) float inputs.
+    kernel: (d, out) float.
+    projected_x: like ``x``: ``x - x M Mᵀ`` (its cotangent is zero).
+    precision: `jax.lax.dot_general` precision (static).
+
+  Returns:
+    (..., out).
+  """
+  del projected_x
+  return _dense_dot(x, kernel, precision)
+
+
+def _preprojected_fwd(x, kernel, projected_x, precision):
+  return _dense_dot(x, kernel, precision), (kernel, projected_x)
+
+
+def _preprojected_bwd(precision, residuals, dy):
+  kernel, projected_x = residuals
+  dx = jax.lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())), precision=precision)
+  xp2 = jnp.reshape(projected_x, (-1, projected_x.shape[-1]))
+  dkernel = _dot(xp2.T, jnp.reshape(dy, (-1, dy.shape[-1])), precision)
+  return dx.astype(projected_x.dtype), dkernel.astype(kernel.dtype), None
+
+
+preprojected_dot.defvjp(_preprojected_fwd, _preprojected_bwd)
+
+
+@jax.jit
+def _project_rows_chunk(x: jax.Array, basis: jax.Array, rank: jax.Array) -> jax.Array:
+  return project_off_input(x.T, basis, rank).T
+
+
+def project_rows(x: np.ndarray, basis: jax.Array, rank: Any, *, chunk: int = 4096) -> np.ndarray:
+  """``x - x M Mᵀ`` for host rows (N, d), in jitted chunks; returns float32 host rows (N, d)."""
+  x = np.asarray(x, np.float32)
+  parts = [np.asarray(_project_rows_chunk(jnp.asarray(x[i:i + chunk]), basis, jnp.int32(rank)))
+           for i in range(0, len(x), chunk)]
+  return np.concatenate(parts) if parts else np.zeros_like(x)
+
+
 def _is_plain_dense(module: nn.Module) -> bool:
   """An `nn.Dense` (or a subclass keeping its ``__call__``) with the default dot_general."""
   return (isinstance(module, nn.Dense) and type(module).__call__ is nn.Dense.__call__
@@ -259,14 +309,22 @@ def _is_plain_dense(module: nn.Module) -> bool:
           and getattr(module, 'dot_general_cls', None) is None)
 
 
-def _projected_dense_call(module: nn.Dense, inputs: jax.Array, basis: jax.Array,
-                          rank: Any) -> jax.Array:
-  """`nn.Dense.__call__` (flax 0.12) with `input_projected_dot` for its matmul."""
+def _projected_dense_call(module: nn.Dense, inputs: jax.Array, basis: jax.Array, rank: Any,
+                          projected: Optional[jax.Array], path: str) -> jax.Array:
+  """`nn.Dense.__call__` (flax 0.12) with `input_projected_dot` (or `preprojected_dot` when the
+  projected inputs are given) for its matmul."""
   kernel = module.get_variable('params', 'kernel')
   bias = module.get_variable('params', 'bias') if module.use_bias else None
   promote = getattr(module, 'promote_dtype', nn.dtypes.promote_dtype)
   inputs, kernel, bias = promote(inputs, kernel, bias, dtype=module.dtype)
-  y = input_projected_dot(inputs, kernel, basis, rank, module.precision)
+  if projected is None:
+    y = input_projected_dot(inputs, kernel, basis, rank, module.precision)
+  else:
+    if math.prod(projected.shape) != math.prod(inputs.shape):
+      raise ValueError(f'Batch.projected_inputs[{path!r}] has shape {projected.shape} but the '
+                       f'layer\'s inputs are {inputs.shape}')
+    projected = jnp.reshape(projected, inputs.shape).astype(inputs.dtype)
+    y = preprojected_dot(inputs, kernel, projected, module.precision)
   if bias is not None:
     y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
   return y
@@ -281,7 +339,9 @@ def _layer_of(path: str, layers: Mapping[str, int]) -> Optional[int]:
 
 
 def input_projected_apply(apply_fn: base.ApplyFn, bases: Sequence[jax.Array], ranks: jax.Array,
-                          layers: Sequence['Layer'], *, name: str) -> base.ApplyFn:
+                          layers: Sequence['Layer'], *, name: str,
+                          projected_inputs: Optional[Mapping[str, jax.Array]] = None
+                          ) -> base.ApplyFn:
   """``apply_fn`` whose protected Dense kernels get input-projected gradients.
 
   Runs ``apply_fn`` inside `flax.linen.intercept_methods`; each ``nn.Dense`` call whose kernel is
@@ -296,6 +356,8 @@ def input_projected_apply(apply_fn: base.ApplyFn, bases: Sequence[jax.Array], ra
     ranks: (L,) int32.
     layers: the protected layers to project this way (2-D kernels), in ``bases`` order.
     name: the method, for errors (e.g. ``'gpm'``).
+    projected_inputs: ``{layer path: inputs projected off its basis}`` for layers whose inputs
+      were projected beforehand (`preprojected_dot`; see `Batch.projected_inputs`).
 
   Returns:
     ``apply(params, x, **kwargs)``; it raises ValueError while tracing if one of ``layers`` was
@@ -315,7 +377,8 @@ def input_projected_apply(apply_fn: base.ApplyFn, bases: Sequence[jax.Array], ra
       if i is None:
         return next_fun(*args, **kwargs_)
       called.add(i)
-      return _projected_dense_call(module, args[0], bases[i], ranks[i])
+      projected = (projected_inputs or {}).get(layers[i].path)
+      return _projected_dense_call(module, args[0], bases[i], ranks[i], projected, layers[i].path)
 
     with nn.intercept_methods(interceptor):
       out = apply_fn(params, x, **kwargs)
@@ -522,7 +585,8 @@ def _gpm_transform(state: GPMState, layers_pattern: str, freeze_others: bool, pr
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _gpm_apply(apply_fn: base.ApplyFn, state: GPMState, layers_pattern: str) -> base.ApplyFn:
+def _gpm_apply(apply_fn: base.ApplyFn, state: GPMState, batch: base.Batch,
+               layers_pattern: str) -> base.ApplyFn:
   """The training forward pass of GPM in 'backward' mode (see `input_projected_apply`)."""
   def apply(params, x, **kwargs):
     layers = protected_layers(params, layers_pattern, name='gpm.layers')
@@ -535,9 +599,40 @@ def _gpm_apply(apply_fn: base.ApplyFn, state: GPMState, layers_pattern: str) -> 
       _check_width(state.bases[i], layers[i].dim, layers[i], 'input')
     projected = input_projected_apply(
         apply_fn, [state.bases[i] for i in dense], state.ranks[np.asarray(dense, np.int32)],
-        [layers[i] for i in dense], name='gpm')
+        [layers[i] for i in dense], name='gpm', projected_inputs=batch.projected_inputs)
     return projected(params, x, **kwargs)
   return apply
+
+
+def _input_layers(apply_fn: base.ApplyFn, params: Params, layers: Sequence[Layer],
+                  x: np.ndarray) -> list[int]:
+  """The layers (indices into ``layers``) whose recorded inputs are the model's inputs,
+  flattened: exactly equal on the examples ``x``, from a single call."""
+  flat = np.asarray(x, np.float32).reshape(len(x), -1).T
+  representations = layer_representations(apply_fn, params, x)
+  found = []
+  for i, layer in enumerate(layers):
+    r = representations.get(layer.path)
+    if r is not None and r.shape == flat.shape and np.array_equal(np.asarray(r), flat):
+      found.append(i)
+  return found
+
+
+def _gpm_prepare_data(params: Params, state: GPMState, data: base.Batch, apply_fn: base.ApplyFn,
+                      layers_pattern: str) -> base.Batch:
+  """Projects, once for the task, the inputs of protected Dense layers that read the model's
+  input (GPM's first layer): ``Batch.projected_inputs``. Other layers are left to the step."""
+  layers = protected_layers(params, layers_pattern, name='gpm.layers')
+  dense = [i for i, d in enumerate(_forward_projected(params, layers, 'backward')) if d]
+  x = np.asarray(data.x)
+  if not dense or len(x) == 0:
+    return data
+  found = _input_layers(apply_fn, params, [layers[i] for i in dense], x[:2])
+  projected = {}
+  for j in found:
+    i = dense[j]
+    projected[layers[i].path] = project_rows(x.reshape(len(x), -1), state.bases[i], state.ranks[i])
+  return data._replace(projected_inputs=projected) if projected else data
 
 
 def gpm(
@@ -640,7 +735,10 @@ def gpm(
       init=init, loss=base.no_loss,
       gradient_transform=lambda s: _gpm_transform(s, layers, freeze_others, projection),
       end_task=end_task,
-      wrap_apply=(lambda fn, s: _gpm_apply(fn, s, layers)) if projection == 'backward' else None)
+      wrap_apply=((lambda fn, s, b: _gpm_apply(fn, s, b, layers)) if projection == 'backward'
+                  else None),
+      prepare_data=(functools.partial(_gpm_prepare_data, layers_pattern=layers)
+                    if projection == 'backward' and representation_fn is None else None))
 
 
 # --------------------------------------------------------------------------------- osft

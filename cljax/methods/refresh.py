@@ -216,4 +216,5 @@ def refresh(
                      output_loss=output_loss if inner.output_loss is not None else None,
                      before_step=before_step if unlearn_rate > 0 else None,
                      wrap_apply=(None if inner.wrap_apply is None else
-                                 lambda fn, state: inner.wrap_apply(fn, state.inner)))
+                                 lambda fn, state, batch: inner.wrap_apply(fn, state.inner,
+                                                                           batch)))

