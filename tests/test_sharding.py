@@ -18,7 +18,7 @@ _SCRIPT = textwrap.dedent('''
     assert len(jax.devices()) == 8, jax.devices()
     from cljax import models, sharding, training
     from cljax.data import sources, streams
-    from cljax.methods import regularizers
+    from cljax.methods import projection, regularizers
 
     ds = sources.subsample(sources.digits(), max_train=400, max_test=200)
     stream = streams.permuted(ds, num_tasks=2, seed=0)
@@ -27,7 +27,7 @@ _SCRIPT = textwrap.dedent('''
     params0 = models.init_params(module, jax.random.key(0), stream.input_shape)
     method = regularizers.ewc(strength=10.0, num_samples=64)
 
-    def run(mesh, rules=()):
+    def run(mesh, rules=(), method=method):
       params, state, rows = params0, method.init(params0), []
       eval_fn = training.make_eval_fn(apply_fn, mesh)
       for t, task in enumerate(stream.tasks):
@@ -57,6 +57,17 @@ _SCRIPT = textwrap.dedent('''
     np.testing.assert_allclose(r4, r1, atol=1e-5)
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+    # GPM projecting inside the backward pass, with the first layer's inputs projected once per
+    # task (Batch.projected_inputs travels with the sharded batches).
+    gpm = projection.gpm(threshold=0.97, num_samples=64)
+    g1, q1 = run(sharding.make_mesh(1), method=gpm)
+    g8, q8 = run(sharding.make_mesh(8), method=gpm)
+    g4, q4 = run(sharding.make_mesh(8, model=4), rules, method=gpm)
+    for q, g in ((q8, g8), (q4, g4)):
+      np.testing.assert_allclose(q, q1, atol=1e-5)
+      for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
     # The global batch is split as expected: 40 rows over 8 devices = 5 each.
     x = sharding.shard_batch(sharding.make_mesh(8), np.arange(40 * 3).reshape(40, 3), axis=0)
