@@ -21,10 +21,12 @@ from cljax.methods.replay import joint
 
 
 def refresh_named(*, base_method: str = 'finetune',
-                  base_hparams: Optional[Mapping[str, Any]] = None, **refresh_hparams) -> Method:
+                  base_hparams: Optional[Mapping[str, Any]] = None,
+                  input_shape: Optional[Sequence[int]] = None, **refresh_hparams) -> Method:
   """Refresh learning (`cljax.methods.refresh.refresh`) around the registered method
   ``base_method`` built with ``base_hparams``; ``refresh_hparams`` are refresh's own keyword
-  arguments (their names and defaults are refresh's: see the signature below).
+  arguments (their names and defaults are refresh's: see the signature below). ``input_shape``
+  (the stream's, filled in by `get`) is passed on to a base method that takes it (`replay`).
 
   Raises:
     ValueError: an unknown or recursive base method, or a bad hyperparameter (of refresh, named
@@ -35,7 +37,8 @@ def refresh_named(*, base_method: str = 'finetune',
   if base_method not in REGISTRY:
     raise ValueError(f'unknown method {base_method!r} (config key `refresh.base_method`); '
                      f'choose from {sorted(REGISTRY)}')
-  return refresh.refresh(get(base_method, base_hparams), **refresh_hparams)
+  return refresh.refresh(get(base_method, base_hparams, input_shape=input_shape),
+                         **refresh_hparams)
 
 
 # One source of refresh's hyperparameters and defaults: `get` checks config keys against this

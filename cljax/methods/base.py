@@ -27,7 +27,8 @@ functions, so a method never touches the loop and the loop never special-cases a
     state update inside the jitted loop, e.g. SI's path integral. ``params`` are the parameters
     the step started from and ``updates`` the step's change (the new parameters are
     ``optax.apply_updates(params, updates)``); ``task_grads`` are the gradients of the
-    cross-entropy alone (without the method's term). ``None`` (the default)
+    cross-entropy alone (without the method's term; through ``wrap_apply``'s forward pass when
+    the method has one). ``None`` (the default)
     keeps the state constant during a task, and the step then differentiates one combined loss.
   * ``before_step(params, state, batch, apply_fn) -> params`` (optional): inside the jitted loop,
     moves the parameters before the step; the step's gradient is taken at, and its update
@@ -35,7 +36,9 @@ functions, so a method never touches the loop and the loop never special-cases a
   * ``wrap_apply(apply_fn, state, batch) -> apply_fn`` (optional): the forward pass the training
     step differentiates on ``batch`` (the cross-entropy, ``output_loss`` and ``loss`` all see
     it), for a method that acts inside backpropagation: GPM projects its Dense gradients there
-    (`cljax.methods.projection.input_projected_dot`). It must not change the outputs. Evaluation, ``prepare_data``, ``before_step`` and ``end_task`` get the plain one.
+    (`cljax.methods.projection.input_projected_dot`). It must not change the outputs. A
+    training loop must use it: GPM's ``gradient_transform`` then leaves those gradients alone.
+    Evaluation, ``prepare_data``, ``before_step`` and ``end_task`` get the plain one.
   * ``prepare_data(params, state, data, apply_fn) -> Batch`` (optional): runs eagerly once
     before a task's training, with the parameters and state at the task's start, on the data
     to train on (host arrays); returns it, e.g. with ``teacher_logits`` recorded (LwF records

@@ -2,6 +2,7 @@
 gradient-side projection (the two modes must train identically)."""
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -123,14 +124,93 @@ def test_a_kernel_not_used_by_a_dense_layer_is_named():
   data = _task(32, 0, (6, 6, 1))
   rep = lambda p, x: {'linear/kernel': jnp.asarray(np.reshape(x, (len(x), -1)).T)}
   kwargs = dict(batch_size=16, epochs=1, seed=0, mesh=sharding.make_mesh())
-  method = projection.gpm(representation_fn=rep)
+  method = projection.gpm(representation_fn=rep, projection='backward')
   with pytest.raises(ValueError, match=r"\['linear/kernel'\] were not called as a plain "
                                        r"nn.Dense.*gpm.projection='gradients'"):
     training.fit_task(apply_fn, method, optax.sgd(0.1), params, method.init(params), data, **kwargs)
-  method = projection.gpm(representation_fn=rep, projection='gradients')
+  method = projection.gpm(representation_fn=rep)  # Defaults to 'gradients' for such models.
+  assert method.wrap_apply is None
   training.fit_task(apply_fn, method, optax.sgd(0.1), params, method.init(params), data, **kwargs)
 
 
 def test_unknown_projection_is_named():
   with pytest.raises(ValueError, match='gpm.projection'):
     projection.gpm(projection='outputs')
+
+
+@pytest.mark.parametrize('rows', [4, 40])  # Input-side branch, gradient-side branch (out = 16).
+def test_a_bf16_layer_with_float32_kernel_gets_an_exactly_projected_gradient(rows):
+  d, out, k = 32, 16, 12
+  rng = np.random.default_rng(0)
+  q = _orthonormal(d, k, 0)
+  basis = jnp.asarray(np.pad(q, ((0, 0), (0, d - k))), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(rows, d)), jnp.bfloat16)  # The layer computes in bf16.
+  w = jnp.asarray(rng.normal(size=(d, out)), jnp.float32)  # Its parameter is float32.
+  c = jnp.asarray(rng.normal(size=(rows, out)), jnp.float32)
+  g = jax.grad(lambda w: jnp.sum(c * projection.input_projected_dot(x, w, basis, jnp.int32(k))))(w)
+  assert g.dtype == jnp.float32
+  g = np.asarray(g, np.float64)
+  assert np.linalg.norm(q.T @ g) < 1e-6 * np.linalg.norm(g)  # Rounded after projecting: ~1e-3.
+
+
+class _Inner(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3, name='Dense_0')(nn.relu(x))
+
+
+class _SuffixModel(nn.Module):
+  """An unprotected top-level Dense_0 whose path is a suffix of the protected MLP_0/Dense_0."""
+
+  @nn.compact
+  def __call__(self, x, *, train=False):
+    return nn.Dense(3, name='Dense_0')(x) + _Inner(name='MLP_0')(x)
+
+
+class _ClipModel(nn.Module):
+  """The first Dense reads min(x, 0.9): the model input on some rows only."""
+
+  @nn.compact
+  def __call__(self, x, *, train=False):
+    return nn.Dense(3, name='head')(nn.relu(nn.Dense(6, name='dense0')(jnp.minimum(x, 0.9))))
+
+
+def _flat_task(n, seed, d=8, k=3):
+  rng = np.random.default_rng(seed)
+  return base.Batch(rng.random((n, d)).astype(np.float32), rng.integers(0, k, n).astype(np.int32),
+                    np.ones((n, k), bool))
+
+
+def _step_updates(module, method, params, state, batch):
+  """What the training step feeds the optimizer: the loop's gradients, then the transform."""
+  apply_fn = models.linen_apply_fn(module)
+  if method.prepare_data is not None:
+    batch = method.prepare_data(params, state, batch, apply_fn)
+  _, grads, _ = training._step_grads(apply_fn, method)(params, state, batch)
+  tx = method.gradient_transform(state)
+  return tx.update(grads, tx.init(params), params)[0]
+
+
+@pytest.mark.parametrize('module, layers, scale_rows', [
+    (_SuffixModel(), 'MLP_0/.*kernel', False),
+    # prepare_data sees the first two rows below the clip (the layer reads the model input
+    # there) and precomputes; the step's run-time check must catch the other rows.
+    (_ClipModel(), '.*kernel', True),
+])
+def test_backward_mode_matches_gradients_mode_on_tricky_models(module, layers, scale_rows):
+  params = module.init(jax.random.key(0), jnp.zeros((1, 8)))['params']
+  apply_fn = models.linen_apply_fn(module)
+  batch = _flat_task(16, 1)
+  if scale_rows:
+    x = batch.x.copy()
+    x[:2] *= 0.5
+    batch = batch._replace(x=x)
+  out = {}
+  for mode in ('backward', 'gradients'):
+    method = projection.gpm(layers=layers, threshold=0.9, num_samples=32, projection=mode)
+    state = method.end_task(params, method.init(params), _flat_task(32, 0), apply_fn)
+    assert min(int(r) for r in state.ranks) > 0
+    if scale_rows and mode == 'backward':
+      assert method.prepare_data(params, state, batch, apply_fn).projected_inputs is not None
+    out[mode] = _step_updates(module, method, params, state, batch)
+  chex.assert_trees_all_close(out['backward'], out['gradients'], rtol=1e-4, atol=1e-6)

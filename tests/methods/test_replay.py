@@ -212,6 +212,10 @@ def test_input_shape_comes_from_the_experiment():
   assert methods.get('replay', {'input_shape': SHAPE}, input_shape=SHAPE) is not None
   with pytest.raises(ValueError, match=r'replay.input_shape is \(9, 9, 1\) but the stream'):
     methods.get('replay', {'input_shape': (9, 9, 1)}, input_shape=SHAPE)
+  # Refresh passes it on to the replay it wraps.
+  wrapped = methods.get('refresh', {'base_method': 'replay', 'base_hparams': {'buffer_size': 4}},
+                        input_shape=SHAPE)
+  assert wrapped.init(make_params()).inner.x.shape == (4, *SHAPE)
   # Methods without the hyperparameter ignore the stream's shape.
   assert methods.get('si', {}, input_shape=SHAPE).after_step is not None
 
