@@ -739,9 +739,10 @@ def gpm(
       example before each task instead (``prepare_data`` -> `Batch.projected_inputs`,
       `preprojected_dot`), at the cost of a second copy of the task's inputs in memory. Needs a
       Flax Linen model whose protected 2-D kernels belong to plain ``nn.Dense`` layers
-      (otherwise the first step raises, naming them), and each kernel used by its Dense layer only (a tied use of it elsewhere
-      would add an unprojected gradient). 'gradients': every protected gradient is projected
-      by the optax transform before the optimizer, for any model.
+      (otherwise the first step raises, naming them), and each kernel used by its Dense layer
+      only (a tied use of it elsewhere would add an unprojected gradient). 'gradients': every
+      protected gradient is projected by the optax transform before the optimizer, for any
+      model.
     seed: seeds the example subsets.
 
   Returns:
