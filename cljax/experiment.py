@@ -184,13 +184,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
   """
   if not config.methods:
     raise ValueError('config.methods is empty: name at least one method')
+  for name in config.methods:  # A misspelt method or key fails before any data loading.
+    methods_lib.check_names(name, config.get(name))
   training.make_optimizer(config.optimizer, learning_rate=config.learning_rate,
                           momentum=config.momentum)
   mesh = sharding.make_mesh(config.num_devices or None, model=config.model_axis)
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh)
   stream = build_stream(config)
-  for name in config.methods:  # Fail on a bad method before any training or writing.
+  for name in config.methods:  # Values (and the stream's input shape): before any writing.
     methods_lib.get(name, config.get(name), input_shape=stream.input_shape)
   module = models.make_model(config.model, num_outputs=stream.num_outputs,
                              **dict(config.model_kwargs))

@@ -95,6 +95,12 @@ def test_unknown_method_hyperparameter(tiny_config, tmp_path):
   tiny_config.ewc.strenght = 5.0
   with pytest.raises(ValueError, match='ewc.strenght'):
     experiment.run(tiny_config, str(tmp_path / 'run'))
+  # Named before any data is read: a missing dataset is not what fails first.
+  tiny_config.dataset = 'fashion_mnist'
+  tiny_config.data_dir = str(tmp_path / 'nowhere')
+  with pytest.raises(ValueError, match='ewc.strenght'):
+    experiment.run(tiny_config, str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run')
 
 
 def test_too_many_tasks_for_split(tiny_config, tmp_path):

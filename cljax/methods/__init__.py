@@ -67,6 +67,22 @@ REGISTRY: dict[str, Callable[..., Method]] = {
 }
 
 
+def check_names(name: str, hparams: Mapping[str, Any] | None = None) -> None:
+  """Checks a method name and its hyperparameters' names (not their values) without building it.
+
+  Raises:
+    ValueError: unknown method name, or a hyperparameter the method does not take (named with
+      its config key, ``<method>.<key>``).
+  """
+  if name not in REGISTRY:
+    raise ValueError(f'unknown method {name!r} (config key `methods`); choose from {sorted(REGISTRY)}')
+  accepted = set(inspect.signature(REGISTRY[name]).parameters)
+  unknown = sorted(set(hparams or {}) - accepted)
+  if unknown:
+    raise ValueError(f'unknown hyperparameter(s) {", ".join(f"{name}.{k}" for k in unknown)}; '
+                     f'{name} takes {sorted(accepted) or "none"}')
+
+
 def get(name: str, hparams: Mapping[str, Any] | None = None, *,
         input_shape: Sequence[int] | None = None) -> Method:
   """Builds the method ``name`` with keyword hyperparameters ``hparams``.
@@ -82,16 +98,10 @@ def get(name: str, hparams: Mapping[str, Any] | None = None, *,
       its config key, ``<method>.<key>``), or an ``input_shape`` hyperparameter that differs
       from the stream's.
   """
-  if name not in REGISTRY:
-    raise ValueError(f'unknown method {name!r} (config key `methods`); choose from {sorted(REGISTRY)}')
+  check_names(name, hparams)
   ctor = REGISTRY[name]
   hparams = dict(hparams or {})
-  accepted = set(inspect.signature(ctor).parameters)
-  unknown = sorted(set(hparams) - accepted)
-  if unknown:
-    raise ValueError(f'unknown hyperparameter(s) {", ".join(f"{name}.{k}" for k in unknown)}; '
-                     f'{name} takes {sorted(accepted) or "none"}')
-  if input_shape is not None and 'input_shape' in accepted:
+  if input_shape is not None and 'input_shape' in inspect.signature(ctor).parameters:
     stream_shape = tuple(int(d) for d in input_shape)
     given = hparams.setdefault('input_shape', stream_shape)
     if not isinstance(given, (tuple, list)) or tuple(given) != stream_shape:
