@@ -598,10 +598,11 @@ class GPMState(NamedTuple):
 _PROJECTIONS = ('backward', 'gradients')
 
 
-def _backward_projected(params: Params, layers: Sequence[Layer], projection: str) -> list[bool]:
-  """Per layer: is its gradient projected in its backward pass (a Dense kernel, 'backward' mode)?"""
+def _dense_kernels(params: Params, layers: Sequence[Layer]) -> list[int]:
+  """Indices of the protected layers with 2-D (Dense) kernels: those 'backward' mode projects
+  inside their backward pass."""
   leaves = jax.tree_util.tree_leaves(params)
-  return [projection == 'backward' and np.ndim(leaves[l.index]) == 2 for l in layers]
+  return [i for i, l in enumerate(layers) if np.ndim(leaves[l.index]) == 2]
 
 
 def _gpm_layers(params: Params, state: GPMState, layers_pattern: str) -> tuple[Layer, ...]:
@@ -630,8 +631,8 @@ def _gpm_transform(state: GPMState, layers_pattern: str, freeze_others: bool, pr
       first = (state.num_tasks == 0)
       others = lambda g: g * first.astype(g.dtype)
     # Dense kernels in 'backward' mode were projected inside the backward pass (`_gpm_apply`).
-    done = _backward_projected(updates, layers, projection)
-    fn = lambda i, g: g if done[i] else project_off_input(g, state.bases[i], state.ranks[i])
+    done = set(_dense_kernels(updates, layers)) if projection == 'backward' else set()
+    fn = lambda i, g: g if i in done else project_off_input(g, state.bases[i], state.ranks[i])
     return _map_layers(updates, layers, fn, others), opt_state
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -642,7 +643,7 @@ def _gpm_apply(apply_fn: base.ApplyFn, state: GPMState, batch: base.Batch,
   """The training forward pass of GPM in 'backward' mode (see `input_projected_apply`)."""
   def apply(params, x, **kwargs):
     layers = _gpm_layers(params, state, layers_pattern)
-    dense = [i for i, d in enumerate(_backward_projected(params, layers, 'backward')) if d]
+    dense = _dense_kernels(params, layers)
     for i in dense:
       _check_width(state.bases[i], layers[i].dim, layers[i], 'input')
     projected = input_projected_apply(
@@ -675,7 +676,7 @@ def _gpm_prepare_data(params: Params, state: GPMState, data: base.Batch, apply_f
   """Projects, once for the task, the inputs of protected Dense layers that read the model's
   input (GPM's first layer): ``Batch.projected_inputs``. Other layers are left to the step."""
   layers = protected_layers(params, layers_pattern, name='gpm.layers')
-  dense = [i for i, d in enumerate(_backward_projected(params, layers, 'backward')) if d]
+  dense = _dense_kernels(params, layers)
   x = np.asarray(data.x)
   if not dense or len(x) == 0:
     return data
