@@ -771,7 +771,7 @@ def gpm(
     layers: str = '.*kernel',
     num_samples: int = 125,
     max_rank: int = 0,
-    freeze_others: bool = False,
+    freeze_others: bool = True,
     representation_fn: Optional[RepresentationFn] = None,
     projection: Optional[str] = None,
     seed: int = 0,
@@ -802,8 +802,12 @@ def gpm(
       I - M Mᵀ (`GPMState.projectors`): 2 * d * d floats per layer; a positive value caps the
       stored width (and the number of protected directions) at min(d, max_rank) per layer and
       keeps no projector for those below d, to bound memory for very wide inputs.
-    freeze_others: if True, the gradients of parameters outside ``layers`` (biases, norms) are
-      zeroed after the first task, as GPM's reference code does for batch-norm parameters.
+    freeze_others: if True (default), the gradients of parameters outside ``layers`` (with the
+      default regex: biases and norm scales) are zeroed after the first task, as GPM's reference
+      code does for every 1-D parameter: they are not projected, so an update of them would move
+      the old tasks' outputs (on the digits default stream, BWT -37.8 with False, -10.4 with
+      True). False lets them train. With a narrower ``layers`` regex it freezes the unselected
+      kernels too.
     representation_fn: ``(params, x) -> {param path: (d, n) matrix}`` giving each protected
       layer's representation; default `layer_representations` over the method's ``apply_fn``
       (Flax Linen models).

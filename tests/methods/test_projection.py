@@ -297,12 +297,15 @@ def test_gpm_rejects_a_state_whose_projectors_do_not_match_its_bases():
     tx.update(params, tx.init(params))
 
 
-def test_gpm_freeze_others_zeroes_unprotected_gradients_after_the_first_task():
+@pytest.mark.parametrize('kwargs, frozen', [({}, True), (dict(freeze_others=True), True),
+                                             (dict(freeze_others=False), False)])
+def test_gpm_freeze_others_zeroes_unprotected_gradients_after_the_first_task(kwargs, frozen):
+  """By default, as in GPM's reference code, unprotected parameters stop training after task 0."""
   _, params = _mlp(use_bias=True)
-  method = projection.gpm(freeze_others=True)
+  method = projection.gpm(**kwargs)
   state = method.init(params)
   grads = jax.tree.map(jnp.ones_like, params)
-  for num_tasks, bias_value in ((0, 1.0), (1, 0.0)):
+  for num_tasks, bias_value in ((0, 1.0), (1, 0.0 if frozen else 1.0)):
     tx = method.gradient_transform(state._replace(num_tasks=jnp.asarray(num_tasks, jnp.int32)))
     out, _ = tx.update(grads, tx.init(params))
     np.testing.assert_array_equal(out['dense0']['bias'], bias_value)
