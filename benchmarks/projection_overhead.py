@@ -10,7 +10,7 @@ one jitted `lax.scan` over ``--steps`` steps), the epoch of
     pass from its inputs projected off the basis, O(batch * d * k)),
   * ``gpm_grad``: the same bases projecting the gradients before the optimizer
     (``projection='gradients'``, O(d * k * out)); both at the smallest static width holding the
-    rank, or from width d / 2 on with GPM's stored projector I - M Mᵀ (O(d * d) per column),
+    rank,
   (``gpm`` projects the first layer's inputs, the model's inputs, once per task in its
   ``prepare_data``: that time is measured on the whole task and reported beside the steps),
   * ``full``: the gradients projected at the bases' full padded width (`cljax.subspace.
@@ -170,11 +170,9 @@ def main(argv):
   ranks = [int(k) for k in state.ranks]
   used = sum(d * k for d, k in zip(dims, ranks))
   stored = sum(int(b.size) for b in state.bases)
-  projectors = sum(int(p.size) for p in state.projectors)
   print(f'\nafter {len(stream.tasks)} tasks: ranks {ranks} of input dims {dims} (each <= its dim)')
   print(f'basis floats: {used} in use (sum d*k, {4 * used / 2**20:.2f} MiB float32); stored padded '
-        f'{stored} (sum d*d, {4 * stored / 2**20:.2f} MiB), vs {sum(dims)} input dims in total; '
-        f'projectors I - M M^T {projectors} ({4 * projectors / 2**20:.2f} MiB)')
+        f'{stored} (sum d*d, {4 * stored / 2**20:.2f} MiB), vs {sum(dims)} input dims in total')
 
 
 if __name__ == '__main__':
