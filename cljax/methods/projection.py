@@ -19,8 +19,7 @@ the jitted step must then not pay for the zero columns: `project_off_input` slic
 smallest of a few static widths (about sqrt(2) apart) that holds the k directions, chosen with
 `jax.lax.switch` from the traced rank. The result is exact (the dropped columns are zero), one
 compiled program serves every task, and the cost is O(d * k_bucket * out) instead of
-O(d * d * out). From k_bucket >= d / 2 on, GPM multiplies by I - M Mᵀ instead, computed once per
-task and kept in its state, which halves the cost of the highest ranks.
+O(d * d * out).
 
 **Layer inputs of a Flax model.** GPM needs each protected layer's inputs on a sample of the
 task's data. The Method contract only passes ``apply_fn(params, x)``; for Flax Linen models (the
@@ -163,15 +162,11 @@ def bucket_widths(width: int) -> tuple[int, ...]:
   return tuple(sorted(widths)) + (int(width),)
 
 
-def project_off_input(g: jax.Array, basis: jax.Array, rank: Any,
-                      projector: Optional[jax.Array] = None) -> jax.Array:
+def project_off_input(g: jax.Array, basis: jax.Array, rank: Any) -> jax.Array:
   """``g - B Bᵀ g`` for a padded basis whose first ``rank`` columns are its directions.
 
   Only the leading columns are multiplied: `jax.lax.switch` picks the smallest static width of
-  `bucket_widths` that is >= rank (rank 0 returns g unchanged), 2 * d * w multiply-adds per
-  column of g. Given ``projector`` = I - B Bᵀ (`complement_projector`), widths w >= d / 2 are
-  replaced by one product with it, d * d per column: a basis filling more than half of its
-  space costs at most what an unprojected (d, d) matmul does. Exact when the columns from
+  `bucket_widths` that is >= rank (rank 0 returns g unchanged). Exact when the columns from
   ``rank`` on are zero (the padded-basis convention of `cljax.subspace`). Jittable; ``rank`` may
   be traced.
 
@@ -179,56 +174,27 @@ def project_off_input(g: jax.Array, basis: jax.Array, rank: Any,
     g: (d, n) float matrix, e.g. a kernel's gradient viewed as (input_dim, out).
     basis: (d, w) float, orthonormal leading columns, zero beyond ``rank``.
     rank: int scalar in [0, w].
-    projector: optional (d, d) float32, I - B Bᵀ of this basis.
 
   Returns:
     (d, n), the dtype of ``g``.
 
-  Raises:
-    ValueError: ``projector`` is not (d, d).
-
   References:
     Saha et al., ICLR 2021, Eq. 10 (the gradient projection).
   """
-  d = basis.shape[0]
   widths = bucket_widths(basis.shape[1])
-  if projector is not None:
-    if projector.shape != (d, d):
-      raise ValueError(f'projector has shape {projector.shape}, expected {(d, d)} for a basis of '
-                       f'dimension {d}')
-    widths = tuple(w for w in widths if 2 * w < d) + (basis.shape[1],)
 
   def narrow(w):
     def off(operands):
-      x, b, _ = operands
+      x, b = operands
       b = b[:, :w].astype(x.dtype)
       return x - _matmul(b, _matmul(b.T, x))
     return off
 
-  def complement(operands):
-    x, _, p = operands
-    return _matmul(p.astype(x.dtype), x)
-
   branches = [lambda operands: operands[0]] + [narrow(w) for w in widths]
-  if projector is not None:
-    branches[-1] = complement
   rank = jnp.asarray(rank, jnp.int32)
   index = 1 + jnp.searchsorted(jnp.asarray(widths, jnp.int32), rank, side='left')
   index = jnp.where(rank <= 0, 0, jnp.minimum(index, len(widths)))
-  return jax.lax.switch(index, branches, (g, basis, projector))
-
-
-def complement_projector(basis: jax.Array) -> jax.Array:
-  """I - B Bᵀ, the orthogonal projector off span(B), in float32 at full precision.
-
-  Args:
-    basis: (d, w) float, orthonormal-or-zero columns (a padded basis).
-
-  Returns:
-    (d, d) float32.
-  """
-  b = jnp.asarray(basis, jnp.float32)
-  return jnp.eye(b.shape[0], dtype=jnp.float32) - _matmul(b, b.T)
+  return jax.lax.switch(index, branches, (g, basis))
 
 
 def project_off_output(g: jax.Array, basis: jax.Array, rank: Any) -> jax.Array:
@@ -258,7 +224,7 @@ def _input_grad(dy: jax.Array, kernel: jax.Array, precision: Any, dtype: Any) ->
 
 
 def _projected_kernel_grad(x2: jax.Array, dy2: jax.Array, basis: jax.Array, rank: Any,
-                           precision: Any, projector: Optional[jax.Array] = None) -> jax.Array:
+                           precision: Any) -> jax.Array:
   """(I - M Mᵀ) X2ᵀ dY2 in float32 (or wider), on the cheaper side of the product.
 
   With n = rows of X2 no more than out, from the projected inputs: O(n * d * k); otherwise by
@@ -269,14 +235,13 @@ def _projected_kernel_grad(x2: jax.Array, dy2: jax.Array, basis: jax.Array, rank
   dtype = jnp.promote_types(x2.dtype, jnp.float32)
   xt, dy2 = x2.T.astype(dtype), dy2.astype(dtype)
   if x2.shape[0] <= dy2.shape[1]:  # Static shapes: the cheaper side is known at trace time.
-    return _dot(project_off_input(xt, basis, rank, projector), dy2, _HIGHEST)
-  return project_off_input(_dot(xt, dy2, precision), basis, rank, projector)
+    return _dot(project_off_input(xt, basis, rank), dy2, _HIGHEST)
+  return project_off_input(_dot(xt, dy2, precision), basis, rank)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def input_projected_dot(x: jax.Array, kernel: jax.Array, basis: jax.Array, rank: Any,
-                        precision: Any = None, projector: Optional[jax.Array] = None
-                        ) -> jax.Array:
+                        precision: Any = None) -> jax.Array:
   """``x @ kernel`` whose kernel gradient is projected off a basis of its input space.
 
   Forward: y = X W, as `flax.linen.Dense`. Backward: dL/dX = dY Wᵀ as usual, and
@@ -295,27 +260,23 @@ def input_projected_dot(x: jax.Array, kernel: jax.Array, basis: jax.Array, rank:
     basis: (d, w) float32, orthonormal leading columns, zero beyond ``rank``.
     rank: int scalar in [0, w] (may be traced).
     precision: `jax.lax.dot_general` precision of the layer (static).
-    projector: optional (d, d) float32 I - M Mᵀ (`complement_projector`), used when the
-      rank's bucket width is d / 2 or more (see `project_off_input`).
 
   Returns:
     (..., out), the dtype of ``x @ kernel``.
   """
-  del basis, rank, projector
+  del basis, rank
   return _dense_dot(x, kernel, precision)
 
 
-def _input_projected_fwd(x, kernel, basis, rank, precision, projector):
-  return _dense_dot(x, kernel, precision), (x, kernel, basis, rank, projector)
+def _input_projected_fwd(x, kernel, basis, rank, precision):
+  return _dense_dot(x, kernel, precision), (x, kernel, basis, rank)
 
 
 def _input_projected_bwd(precision, residuals, dy):
-  x, kernel, basis, rank, projector = residuals
+  x, kernel, basis, rank = residuals
   dkernel = _projected_kernel_grad(jnp.reshape(x, (-1, x.shape[-1])),
-                                   jnp.reshape(dy, (-1, dy.shape[-1])), basis, rank, precision,
-                                   projector)
-  return (_input_grad(dy, kernel, precision, x.dtype), dkernel.astype(kernel.dtype), None, None,
-          None)
+                                   jnp.reshape(dy, (-1, dy.shape[-1])), basis, rank, precision)
+  return (_input_grad(dy, kernel, precision, x.dtype), dkernel.astype(kernel.dtype), None, None)
 
 
 input_projected_dot.defvjp(_input_projected_fwd, _input_projected_bwd)
@@ -323,8 +284,7 @@ input_projected_dot.defvjp(_input_projected_fwd, _input_projected_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def preprojected_dot(x: jax.Array, kernel: jax.Array, projected_x: jax.Array, valid: jax.Array,
-                     basis: jax.Array, rank: Any, precision: Any = None,
-                     projector: Optional[jax.Array] = None) -> jax.Array:
+                     basis: jax.Array, rank: Any, precision: Any = None) -> jax.Array:
   """`input_projected_dot` with the inputs' projection computed beforehand.
 
   For a layer that reads the model's input, fixed during a task, GPM's projected gradient
@@ -338,42 +298,39 @@ def preprojected_dot(x: jax.Array, kernel: jax.Array, projected_x: jax.Array, va
     kernel: (d, out) float.
     projected_x: ``x - x M Mᵀ`` computed beforehand, float32, reshapeable to (n, d).
     valid: bool scalar, True when ``projected_x`` belongs to these ``x``.
-    basis, rank, precision, projector: as in `input_projected_dot`.
+    basis, rank, precision: as in `input_projected_dot`.
 
   Returns:
     (..., out).
   """
-  del projected_x, valid, basis, rank, projector
+  del projected_x, valid, basis, rank
   return _dense_dot(x, kernel, precision)
 
 
-def _preprojected_fwd(x, kernel, projected_x, valid, basis, rank, precision, projector):
-  return _dense_dot(x, kernel, precision), (x, kernel, projected_x, valid, basis, rank, projector)
+def _preprojected_fwd(x, kernel, projected_x, valid, basis, rank, precision):
+  return _dense_dot(x, kernel, precision), (x, kernel, projected_x, valid, basis, rank)
 
 
 def _preprojected_bwd(precision, residuals, dy):
-  x, kernel, projected_x, valid, basis, rank, projector = residuals
+  x, kernel, projected_x, valid, basis, rank = residuals
   x2, dy2 = jnp.reshape(x, (-1, x.shape[-1])), jnp.reshape(dy, (-1, dy.shape[-1]))
   stored = lambda: _dot(jnp.reshape(projected_x, x2.shape).T.astype(jnp.float32),
                         dy2.astype(jnp.float32), _HIGHEST)
-  computed = lambda: _projected_kernel_grad(x2, dy2, basis, rank, precision,
-                                            projector).astype(jnp.float32)
+  computed = lambda: _projected_kernel_grad(x2, dy2, basis, rank, precision).astype(jnp.float32)
   dkernel = jax.lax.cond(valid, stored, computed)
   return (_input_grad(dy, kernel, precision, x.dtype), dkernel.astype(kernel.dtype), None, None,
-          None, None, None)
+          None, None)
 
 
 preprojected_dot.defvjp(_preprojected_fwd, _preprojected_bwd)
 
 
 @jax.jit
-def _project_rows_chunk(x: jax.Array, basis: jax.Array, rank: jax.Array,
-                        projector: Optional[jax.Array]) -> jax.Array:
-  return project_off_input(x.T, basis, rank, projector).T
+def _project_rows_chunk(x: jax.Array, basis: jax.Array, rank: jax.Array) -> jax.Array:
+  return project_off_input(x.T, basis, rank).T
 
 
-def project_rows(x: np.ndarray, basis: jax.Array, rank: Any, *, chunk: int = 4096,
-                 projector: Optional[jax.Array] = None) -> np.ndarray:
+def project_rows(x: np.ndarray, basis: jax.Array, rank: Any, *, chunk: int = 4096) -> np.ndarray:
   """Rows projected off a basis, ``x - x M Mᵀ``, computed on the device in chunks.
 
   Args:
@@ -381,14 +338,12 @@ def project_rows(x: np.ndarray, basis: jax.Array, rank: Any, *, chunk: int = 409
     basis: (d, w) padded basis, orthonormal leading columns, zero beyond ``rank``.
     rank: int, its number of directions.
     chunk: rows per device call (bounds device memory).
-    projector: optional (d, d) I - M Mᵀ, as in `project_off_input`.
 
   Returns:
     (N, d) float32 host array.
   """
   x = np.asarray(x, np.float32)
-  parts = [np.asarray(_project_rows_chunk(jnp.asarray(x[i:i + chunk]), basis, jnp.int32(rank),
-                                          projector))
+  parts = [np.asarray(_project_rows_chunk(jnp.asarray(x[i:i + chunk]), basis, jnp.int32(rank)))
            for i in range(0, len(x), chunk)]
   return np.concatenate(parts) if parts else np.zeros_like(x)
 
@@ -401,8 +356,8 @@ def _is_plain_dense(module: nn.Module) -> bool:
 
 
 def _projected_dense_call(module: nn.Dense, inputs: jax.Array, basis: jax.Array, rank: Any,
-                          projector: Optional[jax.Array], projected: Optional[jax.Array],
-                          model_input: jax.Array, path: str) -> jax.Array:
+                          projected: Optional[jax.Array], model_input: jax.Array,
+                          path: str) -> jax.Array:
   """`nn.Dense.__call__` (flax 0.12) with `input_projected_dot` for its matmul, or
   `preprojected_dot` when ``projected`` (the model input, projected) is given."""
   kernel = module.get_variable('params', 'kernel')
@@ -412,7 +367,7 @@ def _projected_dense_call(module: nn.Dense, inputs: jax.Array, basis: jax.Array,
   # projected in float32 and not rounded to a bf16 compute dtype after the projection.
   inputs, _, bias = promote(inputs, kernel, bias, dtype=module.dtype)
   if projected is None or math.prod(model_input.shape) != math.prod(inputs.shape):
-    y = input_projected_dot(inputs, kernel, basis, rank, module.precision, projector)
+    y = input_projected_dot(inputs, kernel, basis, rank, module.precision)
   elif math.prod(projected.shape) != math.prod(inputs.shape):
     raise ValueError(f'Batch.projected_inputs[{path!r}] has shape {projected.shape} but the '
                      f'layer\'s inputs are {inputs.shape}')
@@ -420,8 +375,7 @@ def _projected_dense_call(module: nn.Dense, inputs: jax.Array, basis: jax.Array,
     # Checked at run time, cheaply: the layer's inputs are the model input itself.
     raw = jnp.reshape(model_input, inputs.shape).astype(inputs.dtype)
     valid = jnp.array_equal(inputs, raw)
-    y = preprojected_dot(inputs, kernel, projected, valid, basis, rank, module.precision,
-                         projector)
+    y = preprojected_dot(inputs, kernel, projected, valid, basis, rank, module.precision)
   if bias is not None:
     y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
   return y
@@ -429,8 +383,7 @@ def _projected_dense_call(module: nn.Dense, inputs: jax.Array, basis: jax.Array,
 
 def input_projected_apply(apply_fn: base.ApplyFn, bases: Sequence[jax.Array], ranks: jax.Array,
                           layers: Sequence['Layer'], *, name: str,
-                          projected_inputs: Optional[Mapping[str, jax.Array]] = None,
-                          projectors: Optional[Sequence[Optional[jax.Array]]] = None
+                          projected_inputs: Optional[Mapping[str, jax.Array]] = None
                           ) -> base.ApplyFn:
   """``apply_fn`` whose protected Dense kernels get GPM-projected gradients.
 
@@ -451,7 +404,6 @@ def input_projected_apply(apply_fn: base.ApplyFn, bases: Sequence[jax.Array], ra
     projected_inputs: ``{layer path: the model input x projected off its basis}`` for layers
       that read x itself, for the calls on that x (`preprojected_dot`; see
       `Batch.projected_inputs`). Whether a layer's inputs equal x is checked at run time.
-    projectors: per layer, None or its (d, d) I - M Mᵀ (see `project_off_input`).
 
   Returns:
     ``apply(params, x, **kwargs)``; it raises ValueError while tracing if one of ``layers`` was
@@ -470,8 +422,7 @@ def input_projected_apply(apply_fn: base.ApplyFn, bases: Sequence[jax.Array], ra
         return next_fun(*args, **kwargs_)
       called.add(i)
       projected = (projected_inputs or {}).get(layers[i].path)
-      projector = None if projectors is None else projectors[i]
-      return _projected_dense_call(module, args[0], bases[i], ranks[i], projector, projected, x,
+      return _projected_dense_call(module, args[0], bases[i], ranks[i], projected, x,
                                    layers[i].path)
 
     with nn.intercept_methods(interceptor):
@@ -637,32 +588,11 @@ class GPMState(NamedTuple):
       the input space of earlier tasks, zero-padded (w = d, or ``max_rank``).
     ranks: (L,) int32, the number of directions of each basis.
     num_tasks: int32 scalar, tasks consolidated.
-    projectors: for each basis kept at its full width (w = d), in layer order, the (d, d)
-      float32 projector I - M Mᵀ (`complement_projector`), computed once per task: a step
-      projecting off a basis of rank >= d / 2 multiplies by it instead of by M and Mᵀ
-      (`project_off_input`), at most the cost of one (d, d) matmul. It doubles those layers'
-      state; ``max_rank`` bases (w < d) have none.
   """
 
   bases: tuple
   ranks: jax.Array
   num_tasks: jax.Array
-  projectors: tuple = ()
-
-
-def _projectors(bases: Sequence[jax.Array]) -> tuple:
-  """The `GPMState.projectors` of these bases."""
-  return tuple(complement_projector(b) for b in bases if b.shape[0] == b.shape[1])
-
-
-def _layer_projectors(state: GPMState) -> list[Optional[jax.Array]]:
-  """Per basis, its projector or None (the state's full-width bases have one each, in order)."""
-  full = [b.shape[0] == b.shape[1] for b in state.bases]
-  if len(state.projectors) != sum(full):
-    raise ValueError(f'GPMState holds {len(state.projectors)} projectors for {sum(full)} '
-                     'full-width bases; the method state was not made by gpm')
-  projectors = iter(state.projectors)
-  return [next(projectors) if f else None for f in full]
 
 
 _PROJECTIONS = ('backward', 'gradients')
@@ -702,9 +632,7 @@ def _gpm_transform(state: GPMState, layers_pattern: str, freeze_others: bool, pr
       others = lambda g: g * first.astype(g.dtype)
     # Dense kernels in 'backward' mode were projected inside the backward pass (`_gpm_apply`).
     done = set(_dense_kernels(updates, layers)) if projection == 'backward' else set()
-    projectors = _layer_projectors(state)
-    fn = lambda i, g: g if i in done else project_off_input(g, state.bases[i], state.ranks[i],
-                                                            projectors[i])
+    fn = lambda i, g: g if i in done else project_off_input(g, state.bases[i], state.ranks[i])
     return _map_layers(updates, layers, fn, others), opt_state
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -718,13 +646,11 @@ def _gpm_apply(apply_fn: base.ApplyFn, state: GPMState, batch: base.Batch,
     dense = _dense_kernels(params, layers)
     for i in dense:
       _check_width(state.bases[i], layers[i].dim, layers[i], 'input')
-    projectors = _layer_projectors(state)
     projected = input_projected_apply(
         apply_fn, [state.bases[i] for i in dense], state.ranks[np.asarray(dense, np.int32)],
         [layers[i] for i in dense], name='gpm',
         # Only for the batch's own inputs (not, e.g., a replay term's other examples).
-        projected_inputs=batch.projected_inputs if x is batch.x else None,
-        projectors=[projectors[i] for i in dense])
+        projected_inputs=batch.projected_inputs if x is batch.x else None)
     return projected(params, x, **kwargs)
   return apply
 
@@ -755,12 +681,10 @@ def _gpm_prepare_data(params: Params, state: GPMState, data: base.Batch, apply_f
   if not dense or len(x) == 0:
     return data
   found = _input_layers(apply_fn, params, [layers[i] for i in dense], x[:2])
-  projectors = _layer_projectors(state)
   projected = {}
   for j in found:
     i = dense[j]
-    projected[layers[i].path] = project_rows(x.reshape(len(x), -1), state.bases[i], state.ranks[i],
-                                             projector=projectors[i])
+    projected[layers[i].path] = project_rows(x.reshape(len(x), -1), state.bases[i], state.ranks[i])
   return data._replace(projected_inputs=projected) if projected else data
 
 
@@ -798,10 +722,9 @@ def gpm(
       kernel; biases are not projected, and the GPM networks have none).
     num_samples: examples per task for the representation matrices (GPM: 300 for PMNIST, 125 for
       CIFAR).
-    max_rank: 0 keeps each basis padded to its full input dimension d, with its (d, d) projector
-      I - M Mᵀ (`GPMState.projectors`): 2 * d * d floats per layer; a positive value caps the
-      stored width (and the number of protected directions) at min(d, max_rank) per layer and
-      keeps no projector for those below d, to bound memory for very wide inputs.
+    max_rank: 0 keeps each basis padded to its full input dimension d; a positive value caps the
+      stored width (and the number of protected directions) at min(d, max_rank) per layer, to
+      bound memory for very wide inputs.
     freeze_others: if True (default), the gradients of parameters outside ``layers`` (with the
       default regex: biases and norm scales) are zeroed after the first task, as GPM's reference
       code does for every 1-D parameter: they are not projected, so an update of them would move
@@ -858,8 +781,7 @@ def gpm(
     _per_layer('gpm.threshold', thresholds, protected)
     widths = _widths(protected, max_rank)
     bases = tuple(jnp.zeros((l.dim, w), jnp.float32) for l, w in zip(protected, widths))
-    return GPMState(bases, jnp.zeros((len(protected),), jnp.int32), jnp.zeros((), jnp.int32),
-                    _projectors(bases))
+    return GPMState(bases, jnp.zeros((len(protected),), jnp.int32), jnp.zeros((), jnp.int32))
 
   def end_task(params, state, task_data, apply_fn):
     t = int(state.num_tasks)
@@ -874,7 +796,7 @@ def gpm(
       level = min(1.0, thr + t * threshold_increment)
       bases.append(subspace.grow_basis_padded(basis, matrix, level, width=basis.shape[1]))
     ranks = jnp.stack([subspace.basis_rank(b) for b in bases])
-    return GPMState(tuple(bases), ranks, state.num_tasks + 1, _projectors(bases))
+    return GPMState(tuple(bases), ranks, state.num_tasks + 1)
 
   return base.Method(
       init=init, loss=base.no_loss,

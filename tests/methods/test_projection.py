@@ -94,34 +94,6 @@ class BucketedProjectionTest(chex.TestCase):
       np.testing.assert_allclose(out, expected.T, atol=2e-5)
 
 
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_complement_projector_branch_matches_numpy(self):
-    """With I - Q Qᵀ given, ranks >= d/2 multiply by it, lower ranks use the narrow basis."""
-    d = 70
-    g = np.random.default_rng(2).normal(size=(d, 9)).astype(np.float32)
-    project = self.variant(projection.project_off_input)
-    for rank in (0, 1, 17, 34, 35, 36, 69, 70):
-      q = _orthonormal(d, rank, seed=rank) if rank else np.zeros((d, 0))
-      basis = _padded(q, d)
-      projector = np.eye(d, dtype=np.float32) - _projector(q).astype(np.float32)
-      np.testing.assert_allclose(project(jnp.asarray(g), basis, rank, jnp.asarray(projector)),
-                                 g - _projector(q) @ g, atol=2e-5)
-      # Which path ran: a sentinel "projector" 2I shows through exactly for the wide widths (the
-      # buckets of 70 are 16, 32, 48, 64, 70; 48 and up are >= d / 2).
-      sentinel = project(jnp.asarray(g), basis, rank, jnp.asarray(2 * np.eye(d, dtype=np.float32)))
-      if rank > 32:
-        np.testing.assert_allclose(sentinel, 2 * g, atol=1e-6)
-      else:
-        np.testing.assert_allclose(sentinel, g - _projector(q) @ g, atol=2e-5)
-
-  def test_complement_projector(self):
-    q = _orthonormal(12, 5, seed=0)
-    np.testing.assert_allclose(projection.complement_projector(_padded(q, 12)),
-                               np.eye(12) - q @ q.T, atol=1e-6)
-    with pytest.raises(ValueError, match=r'projector has shape \(11, 11\), expected \(12, 12\)'):
-      projection.project_off_input(jnp.ones((12, 3)), _padded(q, 12), 5, jnp.eye(11))
-
-
 # ------------------------------------------------------------------------ validation
 
 
@@ -246,10 +218,6 @@ def test_gpm_end_task_grows_bases_like_numpy_reference():
       assert int(state.ranks[i]) == k
       np.testing.assert_allclose(_projector(state.bases[i][:, :k]), _projector(refs[i]), atol=2e-4)
       np.testing.assert_array_equal(np.asarray(state.bases[i][:, k:]), 0.0)
-    # Full-width bases keep I - M Mᵀ, the projector the step multiplies by at high ranks.
-    for i, ref in enumerate(refs):
-      np.testing.assert_allclose(state.projectors[i], np.eye(len(ref)) - _projector(ref),
-                                 atol=2e-4)
   assert jax.tree.map(jnp.shape, state) == shapes
   assert int(state.num_tasks) == 2
 
@@ -263,7 +231,6 @@ def test_gpm_max_rank_caps_the_stored_bases():
   assert [int(k) for k in state.ranks] == [5, 5, 5]
   for b in state.bases:
     np.testing.assert_allclose(b.T @ b, np.eye(5), atol=1e-5)
-  assert state.projectors == ()  # Capped bases keep no (d, d) projector.
 
 
 def test_gpm_end_task_errors_name_the_layer():
@@ -285,15 +252,6 @@ def test_gpm_transform_rejects_a_state_of_another_model():
   bad = state._replace(bases=(jnp.zeros((35, 35)),) + state.bases[1:])
   tx = projection.gpm().gradient_transform(bad)
   with pytest.raises(ValueError, match=r'input basis for dense0/kernel has shape \(35, 35\)'):
-    tx.update(params, tx.init(params))
-
-
-def test_gpm_rejects_a_state_whose_projectors_do_not_match_its_bases():
-  _, params = _mlp()
-  state = projection.gpm().init(params)
-  tx = projection.gpm(projection='gradients').gradient_transform(
-      state._replace(projectors=state.projectors[:2]))
-  with pytest.raises(ValueError, match='2 projectors for 3 full-width bases'):
     tx.update(params, tx.init(params))
 
 
