@@ -16,7 +16,7 @@ Target: GPM's backward transfer no worse than -1.5 points while finetune's is mu
 Measured with this file (seed 0, CPU; README has the table): finetune ACC 50.6 / BWT -39.7, EWC
 ACC 58.2 / BWT -20.9, GPM ACC 82.5 / BWT -4.4. GPM misses the -1.5 target on Fashion-MNIST, and
 so does the independent re-implementation of the paper's reference code,
-``experiments/gpm_reference.py`` (BWT -4.33 / -4.50 / -4.17 on seeds 0 / 1 / 2). Higher
+``experiments/gpm_reference.py`` (BWT -4.09 / -4.77 / -3.92 on seeds 0 / 1 / 2). Higher
 thresholds (0.97, 0.999, 0.999) with 2000 examples per task gave ACC 82.5 / BWT -2.9, the best
 of the variants tried. EWC's strength 30 is the largest of 30, 100 and 300 that stays finite:
 with lr 0.01, 300 diverges at the second task and 100 at the sixth (the summed Fisher grows
