@@ -12,7 +12,7 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
-from cljax import experiment
+from cljax.runners import continual
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                'experiments', 'configs', 'default.py')
@@ -43,7 +43,7 @@ def main(argv):
     from cljax import merge_experiment  # pylint: disable=g-import-not-at-top
     run = merge_experiment.run
   else:
-    run = experiment.run
+    run = continual.run
   run(config, _WORKDIR.value or os.path.join('runs', name))
 
 

@@ -9,7 +9,7 @@ that a resume could pick up.
 `PyTreeArrays` reads the arrays of any Orbax PyTree checkpoint one at a time (for `cljax-merge`):
 a folder written by ``PyTreeCheckpointer`` / ``StandardCheckpointer``, or one step of a
 `StageCheckpointer` (its ``state`` item). Arrays are named by their '/'-joined pytree paths, as
-`cljax.paths.path_str` writes them.
+`cljax.tree_lib.path_str` writes them.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cljax import paths
+from cljax import tree as tree_lib
 
 PyTree = Any
 
@@ -159,7 +159,7 @@ def _array_infos(directory: str, tree: Any) -> tuple:
   """(name -> ArrayInfo, names of non-array leaves) of a metadata tree."""
   arrays, skipped = {}, []
   for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    name = paths.path_str(key_path)
+    name = tree_lib.path_str(key_path)
     if name in arrays:
       raise ValueError(f'{directory}: two leaves have the path {name!r} '
                        f'({jax.tree_util.keystr(key_path)} and an earlier one)')
@@ -181,7 +181,7 @@ class PyTreeArrays:
   Attributes:
     directory: the PyTree item folder (see `pytree_directory`).
     arrays: name -> `ArrayInfo`, in pytree flattening order; names are '/'-joined pytree paths
-      (`cljax.paths.path_str`), e.g. ``'params/Dense_0/kernel'``.
+      (`cljax.tree_lib.path_str`), e.g. ``'params/Dense_0/kernel'``.
     skipped: names of leaves that are not arrays (strings), which `read` does not return.
   """
 
@@ -205,7 +205,7 @@ class PyTreeArrays:
       handler.close()
     self._leaves, self._treedef = jax.tree.flatten(tree)
     self.arrays, self.skipped = _array_infos(self.directory, tree)
-    names = paths.leaf_paths(tree)
+    names = tree_lib.leaf_paths(tree)
     self._index = {n: i for i, n in enumerate(names) if n in self.arrays}
 
   def __repr__(self) -> str:

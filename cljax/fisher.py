@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cljax.methods import base
+from cljax import core
 
 Params = Any
 ESTIMATORS = ('exact', 'sampled', 'empirical')
@@ -39,7 +39,7 @@ ESTIMATORS = ('exact', 'sampled', 'empirical')
 def _log_probs(apply_fn, params, x, mask):
   """log p(. | x) for one example: (K,)."""
   logits = apply_fn(params, x[None], train=False)
-  return jax.nn.log_softmax(base.masked_logits(logits, mask[None]).astype(jnp.float32))[0]
+  return jax.nn.log_softmax(core.masked_logits(logits, None if mask is None else mask[None]).astype(jnp.float32))[0]
 
 
 def _example_fisher(apply_fn, estimator, params, x, y, mask, key):
@@ -66,9 +66,9 @@ def _chunk_fisher_sum(apply_fn, estimator, params, x, y, mask, valid, keys):
 
 
 def diagonal_fisher(
-    apply_fn: base.ApplyFn,
+    apply_fn: core.ApplyFn,
     params: Params,
-    data: base.Batch,
+    data: core.Batch,
     *,
     estimator: str = 'exact',
     key: Optional[jax.Array] = None,
@@ -105,7 +105,7 @@ def diagonal_fisher(
     stop = min(start + batch_size, n)
     idx = np.arange(start, start + batch_size).clip(max=n - 1)  # Pad to one compiled shape.
     valid = np.arange(start, start + batch_size) < stop
-    chunk = [np.asarray(a)[idx] for a in (data.x, data.y, data.mask)]
+    chunk = [None if a is None else np.asarray(a)[idx] for a in (data.x, data.y, data.mask)]
     total = optax.tree.add(total, _chunk_fisher_sum(apply_fn, estimator, params, *chunk,
                                                     jnp.asarray(valid), keys[idx]))
   return optax.tree.scale(1.0 / n, total)

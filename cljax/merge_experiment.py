@@ -64,7 +64,8 @@ import optax
 import tqdm
 
 from cljax import checkpoint
-from cljax import experiment
+from cljax import core
+from cljax.runners import continual as experiment
 from cljax import fisher as fisher_lib
 from cljax import merging
 from cljax import models
@@ -116,20 +117,20 @@ class MergeData(NamedTuple):
     input_shape: (H, W, C) of every task.
   """
 
-  pretrain: base.Batch
-  pretrain_test: base.Batch
+  pretrain: core.Batch
+  pretrain_test: core.Batch
   tasks: tuple
   heldout: tuple
   num_outputs: int
   input_shape: tuple
 
 
-def _all_classes(x: np.ndarray, y: np.ndarray, num_classes: int) -> base.Batch:
-  return base.Batch(np.ascontiguousarray(x, np.float32), y.astype(np.int32),
+def _all_classes(x: np.ndarray, y: np.ndarray, num_classes: int) -> core.Batch:
+  return core.Batch(np.ascontiguousarray(x, np.float32), y.astype(np.int32),
                     np.ones((y.shape[0], num_classes), bool))
 
 
-def _take(batch: base.Batch, idx: np.ndarray) -> base.Batch:
+def _take(batch: core.Batch, idx: np.ndarray) -> core.Batch:
   return jax.tree.map(lambda a: a[idx], batch)
 
 
@@ -241,7 +242,7 @@ class Trainer(NamedTuple):
   mesh: Any
 
 
-def train_model(directory: str, trainer: Trainer, init: Params, data: base.Batch, *, seed: int,
+def train_model(directory: str, trainer: Trainer, init: Params, data: core.Batch, *, seed: int,
                 name: str) -> Params:
   """Trains ``init`` on ``data``, or restores the result from the Orbax checkpoint in
   ``directory``; saves it there after training (one stage holding ``{'params': ...}``).
@@ -284,7 +285,7 @@ class Evaluator:
   merged models on the same test sets.
   """
 
-  def __init__(self, apply_fn: Callable, tests: Sequence[base.Batch], *, batch_size: int,
+  def __init__(self, apply_fn: Callable, tests: Sequence[core.Batch], *, batch_size: int,
                mesh: Any):
     sharding.check_batch_size(batch_size, mesh)
     self._eval_fn = training.make_eval_fn(apply_fn, mesh)
@@ -292,18 +293,14 @@ class Evaluator:
     for data in tests:
       chunks = []
       for start in range(0, data.size, batch_size):
-        chunk = [np.asarray(a[start:start + batch_size]) for a in (data.x, data.y, data.mask)]
-        k = chunk[1].shape[0]
-        if k < batch_size:  # Pad to the compiled shape; padded rows are not counted.
-          chunk = [np.concatenate([a, np.repeat(a[-1:], batch_size - k, axis=0)]) for a in chunk]
-        chunks.append((base.Batch(*(sharding.shard_batch(mesh, a) for a in chunk)), k))
-      self._tasks.append((chunks, data.size))
+        chunk = training._padded(data, start, batch_size)  # pylint: disable=protected-access
+        chunks.append(jax.tree.map(lambda a: sharding.shard_batch(mesh, a), chunk))
+      self._tasks.append(chunks)
 
   def accuracy(self, params: Params, task: int) -> float:
     """Fraction of task ``task``'s test examples that ``params`` classifies correctly."""
-    chunks, n = self._tasks[task]
-    correct = jax.device_get([self._eval_fn(params, batch) for batch, _ in chunks])
-    return sum(int(np.asarray(c)[:k].sum()) for c, (_, k) in zip(correct, chunks)) / n
+    sums = jax.device_get([self._eval_fn(params, batch) for batch in self._tasks[task]])
+    return sum(float(s.correct) for s in sums) / sum(float(s.weight) for s in sums)
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,16 +321,16 @@ def check_hparams(name: str, hparams: Mapping[str, Any], allowed: Sequence[str])
   return dict(hparams)
 
 
-def proxy_loss_fn(apply_fn: Callable, heads: Sequence[Params], batches: Sequence[base.Batch],
+def proxy_loss_fn(apply_fn: Callable, heads: Sequence[Params], batches: Sequence[core.Batch],
                   mask: Any) -> Callable[[Params], jax.Array]:
   """Frank-Wolfe's proxy objective: the mean over tasks of the cross-entropy of the merged
   backbone with task t's head (``heads[t]``, swapped in on the excluded leaves) on task t's
   held-out labeled ``batches[t]``. Traced under jit; the data are closed over."""
-  data = [base.Batch(jnp.asarray(b.x), jnp.asarray(b.y), jnp.asarray(b.mask)) for b in batches]
+  data = [core.Batch(jnp.asarray(b.x), jnp.asarray(b.y), jnp.asarray(b.mask)) for b in batches]
   heads = [jax.tree.map(jnp.asarray, h) for h in heads]
 
   def loss(params: Params) -> jax.Array:
-    losses = [base.cross_entropy(apply_fn(swap_excluded(params, h, mask), b.x), b.y, b.mask)
+    losses = [core.cross_entropy(apply_fn(swap_excluded(params, h, mask), b.x), b.y, b.mask)
               for h, b in zip(heads, data)]
     return sum(losses) / len(losses)
 

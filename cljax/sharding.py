@@ -11,14 +11,13 @@ global batch indices, and passes only its own rows to `jax.make_array_from_proce
 
 from __future__ import annotations
 
-import re
 from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from cljax.paths import leaf_paths, path_str  # pylint: disable=unused-import (re-exported)
+from cljax import tree as tree_lib
 
 PyTree = Any
 Rule = tuple[str, Sequence[Optional[str]]]
@@ -58,14 +57,14 @@ def param_shardings(params: PyTree, mesh: Mesh, rules: Sequence[Rule] = ()) -> P
       divisible by its mesh axis; the message names the rule and the leaf path.
   """
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  paths = [path_str(p) for p, _ in flat]
-  compiled = [(re.compile(regex), tuple(spec)) for regex, spec in rules]
-  for (regex, _), (pattern, _) in zip(rules, compiled):
-    if not any(pattern.fullmatch(p) for p in paths):
-      raise ValueError(f'sharding rule {regex!r} matches no parameter; parameters are: {paths}')
+  paths = [tree_lib.path_str(p) for p, _ in flat]
+  regexes = [regex for regex, _ in rules]
+  tree_lib.select(params, regexes, name='sharding_rules')  # Each rule must match some leaf.
+  compiled = list(zip(tree_lib.compile_patterns(regexes, name='sharding_rules'),
+                      (tuple(spec) for _, spec in rules)))
   shardings = []
   for path, (_, leaf) in zip(paths, flat):
-    spec = next((s for pattern, s in compiled if pattern.fullmatch(path)), ())
+    spec = tree_lib.first_match(path, compiled) or ()
     if spec and len(spec) != len(leaf.shape):
       raise ValueError(f'sharding spec {spec} for {path!r} has {len(spec)} entries but the leaf '
                        f'has shape {leaf.shape}')

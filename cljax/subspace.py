@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cljax import paths
+from cljax import tree as tree_lib
 
 Array = jax.Array
 PyTree = Any
@@ -670,7 +670,7 @@ def _select_bases(params: PyTree, bases: PyTree, output_bases: PyTree,
   output_leaves = _flatten_like(treedef, output_bases, 'output_bases', len(leaves))
   kept, kept_out, matched = [], [], 0
   for (path, p), b, c in zip(leaves, basis_leaves, output_leaves):
-    selected = pattern is None or pattern.fullmatch(paths.path_str(path)) is not None
+    selected = pattern is None or pattern.fullmatch(tree_lib.path_str(path)) is not None
     matched += selected
     if not selected:
       b = c = None
@@ -686,7 +686,7 @@ def _select_bases(params: PyTree, bases: PyTree, output_bases: PyTree,
     kept.append(b)
     kept_out.append(c)
   if pattern is not None and not matched:
-    names = [paths.path_str(path) for path, _ in leaves]
+    names = [tree_lib.path_str(path) for path, _ in leaves]
     raise ValueError(f'include regex {pattern.pattern!r} matches no parameter; paths are '
                      f'{names[:20]}{" ..." if len(names) > 20 else ""}')
   kept_output_bases = None

@@ -7,8 +7,10 @@ the parameters (replicated, or split by `cljax.sharding` rules), optimizer state
 donated from epoch to epoch. The host prepares the next epoch while the device runs this one,
 and per-step losses come back once per epoch, so NaN detection costs no host round trip per step.
 
-The loss of a step is ``cross_entropy(masked logits, y) + method.loss(...)`` and the update is
-``optax.chain(method.gradient_transform(method_state), optimizer)``.
+The loss of a step is the batch's weighted cross-entropy + ``method.loss(...)`` (differentiated;
+only the cross-entropy is reported) and the update is
+``optax.chain(method.gradient_transform(method_state), optimizer)``. Step s of a task draws its
+key as ``fold_in(task_key, s)``: the model's dropout and every method hook get keys from it.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ import optax
 from jax.sharding import Mesh
 
 from cljax import sharding
+from cljax import core
 from cljax.methods import base
 
 Params = Any
-ApplyFn = base.ApplyFn
+ApplyFn = core.ApplyFn
 
 
 class TaskResult(NamedTuple):
@@ -54,95 +57,87 @@ def make_optimizer(name: str, *, learning_rate: float, momentum: float = 0.0) ->
   raise ValueError(f"unknown optimizer {name!r}; choose 'sgd' or 'adam' (config key `optimizer`)")
 
 
-def _train_apply(apply_fn: ApplyFn, method: base.Method, method_state: Any,
-                 batch: base.Batch) -> ApplyFn:
-  """The forward pass the step differentiates: ``method.wrap_apply``'s, else ``apply_fn``."""
-  if method.wrap_apply is None:
-    return apply_fn
-  return method.wrap_apply(apply_fn, method_state, batch)
-
-
-def _output_losses_fn(apply_fn: ApplyFn, method: base.Method):
-  """``(params, method_state, batch) -> (cross_entropy, output_term)`` from one forward pass."""
-  def output_losses(params, method_state, batch: base.Batch):
-    apply_fn_ = _train_apply(apply_fn, method, method_state, batch)
-    logits = apply_fn_(params, batch.x, train=True)
-    ce = base.cross_entropy(logits, batch.y, batch.mask)
-    if method.output_loss is None:
-      return ce, jnp.zeros((), ce.dtype)
-    return ce, method.output_loss(logits, method_state, batch, apply_fn_)
-  return output_losses
+def _with_dropout(apply_fn: ApplyFn, key: jax.Array) -> ApplyFn:
+  """``apply_fn`` whose training-mode calls draw dropout from ``key`` unless given ``rngs``:
+  what a method's own forward passes (refresh's ascent, replay's memory batch) receive."""
+  def apply(params, x, *, train=False, rngs=None):
+    return apply_fn(params, x, train=train, rngs=rngs if rngs is not None else {'dropout': key})
+  return apply
 
 
 def _step_grads(apply_fn: ApplyFn, method: base.Method):
-  """``(params, method_state, batch) -> (cross_entropy, grads, task_grads)``.
+  """``(params, method_state, batch, key) -> (params, cross_entropy, grads, task_grads)``.
 
+  The returned ``params`` are where the step is taken (``method.intercept``'s, else the input).
   ``grads`` are those of cross-entropy + the method's term; the term's value is not returned, so
   XLA drops its computation (its per-leaf reductions cost up to half of a small model's step).
 
-  With no ``after_step`` hook one combined loss (cross-entropy + ``output_loss`` on the same
-  logits + ``loss``) is differentiated: one forward and one backward pass. With the hook, the
-  cross-entropy and the method's terms are differentiated separately, because the hook needs
-  the task gradients alone.
+  With no ``update`` hook one combined loss (cross-entropy + the method's term on the same
+  logits) is differentiated: one forward and one backward pass. With the hook, the
+  cross-entropy and the method's term are differentiated separately, because the hook needs the
+  task gradients alone.
   """
-  output_losses = _output_losses_fn(apply_fn, method)
+  def grads_fn(params, method_state, batch, key):
+    dropout_key, hook_key, method_dropout_key = (jax.random.fold_in(key, i) for i in range(3))
+    forward = apply_fn
+    if method.intercept is not None:
+      params, forward = method.intercept(params, method_state, batch,
+                                         apply_fn=_with_dropout(apply_fn, method_dropout_key),
+                                         key=hook_key)
 
-  def method_loss(params, method_state, batch):
-    return method.loss(params, method_state, batch,
-                       _train_apply(apply_fn, method, method_state, batch))
+    def task_loss(p):
+      logits = forward(p, batch.x, train=True, rngs={'dropout': dropout_key})
+      return core.batch_loss(logits, batch), logits
 
-  def method_terms(params, method_state, batch):
-    return output_losses(params, method_state, batch)[1] + method_loss(params, method_state, batch)
+    def method_term(p, logits):
+      return method.loss(p, method_state, batch, logits=logits,
+                         apply_fn=_with_dropout(forward, method_dropout_key), key=hook_key)
 
-  if method.after_step is None:
-    def total_with_ce(p, s, b):
-      ce, output_term = output_losses(p, s, b)
-      return ce + output_term + method_loss(p, s, b), ce
-    total = jax.value_and_grad(total_with_ce, has_aux=True)
-
-    def combined(params, method_state, batch):
-      (_, ce), grads = total(params, method_state, batch)
-      return ce, grads, None
-    return combined
-
-  def separate(params, method_state, batch):
-    ce, task_grads = jax.value_and_grad(lambda p: output_losses(p, method_state, batch)[0])(params)
-    extra_grads = jax.grad(method_terms)(params, method_state, batch)
-    return ce, optax.tree.add(task_grads, extra_grads), task_grads
-  return separate
+    if method.update is None:
+      def total(p):
+        ce, logits = task_loss(p)
+        return ce + method_term(p, logits), ce
+      (_, ce), grads = jax.value_and_grad(total, has_aux=True)(params)
+      return params, ce, grads, None
+    (ce, _), task_grads = jax.value_and_grad(task_loss, has_aux=True)(params)
+    extra_grads = jax.grad(lambda p: method_term(p, task_loss(p)[1]))(params)
+    return params, ce, optax.tree.add(task_grads, extra_grads), task_grads
+  return grads_fn
 
 
 @functools.lru_cache(maxsize=64)
 def make_epoch_fn(apply_fn: ApplyFn, method: base.Method, optimizer: optax.GradientTransformation,
                   mesh: Mesh):
-  """Jitted ``epoch(params, opt_state, method_state, batches) -> (params, opt_state, method_state,
-  losses)``, cached per (apply_fn, method, optimizer, mesh).
+  """Jitted ``epoch(params, opt_state, method_state, batches, steps, key) -> (params, opt_state,
+  method_state, losses)``, cached per (apply_fn, method, optimizer, mesh).
 
   The update is ``optax.chain(method.gradient_transform(method_state), optimizer)``, built inside
   the traced function from the traced method state: the same compiled program serves every task
   (no retrace when bases or anchors change, only when shapes do). ``batches`` is a `Batch` of
-  arrays shaped (S, B, ...), sharded along B; ``losses`` is (S,).
+  arrays shaped (S, B, ...), sharded along B; ``steps`` (S,) int32 the steps' indices within the
+  task; ``key`` the task's PRNG key, from which step s draws ``fold_in(key, s)``; ``losses`` (S,).
   """
   step_grads = _step_grads(apply_fn, method)
   del mesh  # Shardings come from the arguments (and propagate to the outputs).
 
-  def epoch(params, opt_state, method_state, batches):
+  def epoch(params, opt_state, method_state, batches, steps, key):
     tx = optax.chain(method.gradient_transform(method_state), optimizer)
 
-    def step(carry, batch):
+    def step(carry, xs):
       params, opt_state, method_state = carry
-      if method.before_step is not None:
-        params = method.before_step(params, method_state, batch, apply_fn)
-      loss, grads, task_grads = step_grads(params, method_state, batch)
+      batch, index = xs
+      step_key = jax.random.fold_in(key, index)
+      params, loss, grads, task_grads = step_grads(params, method_state, batch, step_key)
       updates, opt_state = tx.update(grads, opt_state, params)
       new_params = optax.apply_updates(params, updates)
-      if method.after_step is not None:
+      if method.update is not None:
         # The step's updates, not the new parameters: a hook reading both old and new
         # parameters makes XLA copy the parameters every step (the carry is updated in place).
-        method_state = method.after_step(method_state, params, updates, task_grads)
+        method_state = method.update(method_state, params, updates, task_grads,
+                                     key=jax.random.fold_in(step_key, 3))
       return (new_params, opt_state, method_state), loss
 
-    carry, losses = jax.lax.scan(step, (params, opt_state, method_state), batches)
+    carry, losses = jax.lax.scan(step, (params, opt_state, method_state), (batches, steps))
     return (*carry, losses)
 
   return jax.jit(epoch, donate_argnums=(0, 1, 2))
@@ -158,7 +153,7 @@ def make_opt_init_fn(method: base.Method, optimizer: optax.GradientTransformatio
   return jax.jit(init)
 
 
-def _epoch_batches(data: base.Batch, perm: np.ndarray, batch_size: int) -> base.Batch:
+def _epoch_batches(data: core.Batch, perm: np.ndarray, batch_size: int) -> core.Batch:
   """Host (S, B, ...) arrays of one epoch; the last partial batch is dropped (fixed shapes)."""
   steps = len(perm) // batch_size
   idx = perm[: steps * batch_size].reshape(steps, batch_size)
@@ -185,15 +180,16 @@ def fit_task(
     optimizer: optax.GradientTransformation,
     params: Params,
     method_state: Any,
-    data: base.Batch,
+    data: core.Batch,
     *,
     epochs: int,
     batch_size: int,
     seed: int,
     mesh: Mesh,
+    key: Optional[jax.Array] = None,
     param_rules: Sequence[sharding.Rule] = (),
     task_index: int = 0,
-    progress: Optional[Callable[[int], None]] = None,
+    on_epoch: Optional[Callable[[int, np.ndarray], None]] = None,
 ) -> TaskResult:
   """Trains on one task's data for ``epochs`` epochs with a fresh optimizer state.
 
@@ -201,18 +197,20 @@ def fit_task(
     apply_fn, method, optimizer: the model function, continual method and optax optimizer.
     params: the parameter pytree at the start of the task (copied once onto the mesh; the
       copies' buffers are then donated from epoch to epoch).
-    method_state: the method's state; changed during the task only by ``method.after_step``
-      (consolidation is ``end_task``, called by the caller).
-    data: the task's training data, host arrays (N, ...); passed through the method's
-      ``prepare_data`` first, when it has one.
+    method_state: the method's state; changed during the task only by ``method.update``
+      (``prepare_task`` and ``end_task`` are the caller's: see `cljax.continual.run_stream`).
+    data: the data to train on, host arrays (N, ...) (already through ``prepare_task``).
     epochs: passes over the data.
     batch_size: global batch size; a multiple of the mesh's ``data`` size.
     seed: seeds the per-epoch shuffles (numpy), so that a resumed run shuffles identically.
     mesh: the device mesh (axes ``data``, ``model``).
+    key: the task's PRNG key; step s of the task (counted over its epochs) hands
+      ``fold_in(key, s)`` to the method's hooks and the model's dropout. Default: from ``seed``.
     param_rules: `cljax.sharding` rules for the parameters (and the optimizer state, which
       follows them); unmatched leaves, and the method state, are replicated.
     task_index: for error messages.
-    progress: called with the number of steps after each epoch (e.g. a tqdm update).
+    on_epoch: called after each epoch with (epoch, its (S,) per-step losses), e.g. to update a
+      progress bar or write the losses.
 
   Returns:
     `TaskResult`; ``losses`` has one entry per step, float32: the cross-entropy of the step's
@@ -224,8 +222,8 @@ def fit_task(
       infinite; names the task, epoch and step.
   """
   sharding.check_batch_size(batch_size, mesh)
-  if method.prepare_data is not None:
-    data = method.prepare_data(params, method_state, data, apply_fn)
+  if key is None:
+    key = jax.random.key(seed)
   n = data.size
   if n < batch_size:
     raise ValueError(f'task {task_index} has {n} training examples, fewer than batch_size={batch_size}')
@@ -237,9 +235,12 @@ def fit_task(
   rng = np.random.default_rng(seed)
   place = lambda: jax.tree.map(lambda a: sharding.shard_batch(mesh, a, axis=1),
                                _epoch_batches(data, rng.permutation(n), batch_size))
+  steps_per_epoch = n // batch_size
   all_losses, batches = [], place()
   for epoch in range(epochs):
-    params, opt_state, method_state, losses = epoch_fn(params, opt_state, method_state, batches)
+    steps = jnp.arange(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch, dtype=jnp.int32)
+    params, opt_state, method_state, losses = epoch_fn(params, opt_state, method_state, batches,
+                                                       steps, key)
     if epoch + 1 < epochs:  # Shuffle and transfer the next epoch while this one computes.
       batches = place()
     losses = np.asarray(losses)
@@ -259,26 +260,46 @@ def fit_task(
                                'method\'s term or its gradient was not); lower the learning rate or '
                                'the method strength')
     all_losses.append(losses)
-    if progress is not None:
-      progress(len(losses))
+    if on_epoch is not None:
+      on_epoch(epoch, losses)
   logging.info('task %d: %d steps, final loss %.4f', task_index, sum(map(len, all_losses)),
                all_losses[-1][-1] if all_losses else float('nan'))
   return TaskResult(params, opt_state, method_state, np.concatenate(all_losses))
 
 
 def make_eval_fn(apply_fn: ApplyFn, mesh: Mesh):
-  """Jitted ``correct(params, batch) -> (B,) bool``: whether each example is classified right."""
+  """Jitted ``sums(params, batch) -> core.EvalSums`` over the batch's weighted labelled
+  positions (padding rows carry weight 0)."""
   del mesh  # Shardings come from the arguments.
 
-  def correct(params, batch: base.Batch):
+  def sums(params, batch: core.Batch):
     logits = apply_fn(params, batch.x, train=False)
-    return jnp.argmax(base.masked_logits(logits, batch.mask), axis=-1) == batch.y
+    return core.eval_sums(logits, batch.y, batch.mask, batch.weights)
 
-  return jax.jit(correct)
+  return jax.jit(sums)
 
 
-def evaluate(eval_fn, params: Params, data: base.Batch, *, batch_size: int, mesh: Mesh) -> float:
-  """Accuracy (fraction in [0, 1]) on ``data``, in fixed-size padded batches (one compile).
+def _padded(data: core.Batch, start: int, batch_size: int) -> core.Batch:
+  """Examples ``[start, start + batch_size)``, padded to ``batch_size`` with weight-0 rows."""
+  chunk = jax.tree.map(lambda a: a[start:start + batch_size], data)
+  k = len(chunk.y)
+  weights = (np.ones(chunk.y.shape[:1], np.float32) if chunk.weights is None
+             else np.asarray(chunk.weights, np.float32))
+  chunk = chunk._replace(weights=weights)
+  if k < batch_size:  # Pad to the compiled shape; padded rows weigh 0.
+    chunk = jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[-1:], batch_size - k, axis=0)]),
+                         chunk)
+    chunk = chunk._replace(weights=np.concatenate(
+        [weights, np.zeros((batch_size - k,) + weights.shape[1:], np.float32)]))
+  return chunk
+
+
+def evaluate(eval_fn, params: Params, data: core.Batch, *, batch_size: int,
+             mesh: Mesh) -> core.Evaluation:
+  """Accuracy and mean NLL over ``data``'s labelled positions, in fixed-size padded batches.
+
+  Accuracy is (weighted) correct / (weighted) positions, a fraction in [0, 1], for (B,) labels
+  (examples) and (B, L) labels (tokens) alike; NLL is in nats per position.
 
   Args:
     eval_fn: from `make_eval_fn`.
@@ -286,22 +307,26 @@ def evaluate(eval_fn, params: Params, data: base.Batch, *, batch_size: int, mesh
     data: host arrays (N, ...).
     batch_size: a multiple of the mesh's ``data`` size.
     mesh: the device mesh.
+
+  Raises:
+    ValueError: ``data`` has no labelled position (every weight 0).
   """
   sharding.check_batch_size(batch_size, mesh)
-  n = data.size
-  correct = 0
-  for start in range(0, n, batch_size):
-    chunk = jax.tree.map(lambda a: a[start:start + batch_size], data)
-    k = len(chunk.y)
-    if k < batch_size:  # Pad to the compiled shape; padded rows are not counted.
-      chunk = jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[-1:], batch_size - k, axis=0)]),
-                           chunk)
-    batch = jax.tree.map(lambda a: sharding.shard_batch(mesh, a, axis=0), chunk)
-    correct += int(np.asarray(eval_fn(params, batch))[:k].sum())
-  return correct / n
+  correct = nll = weight = 0.0
+  for start in range(0, data.size, batch_size):
+    batch = jax.tree.map(lambda a: sharding.shard_batch(mesh, a, axis=0),
+                         _padded(data, start, batch_size))
+    sums = jax.device_get(eval_fn(params, batch))
+    correct, nll, weight = (correct + float(sums.correct), nll + float(sums.nll),
+                            weight + float(sums.weight))
+  if weight <= 0:
+    raise ValueError('evaluate: the data have no labelled position (all weights are 0)')
+  return core.Evaluation(correct / weight, nll / weight)
 
 
-def evaluate_tasks(eval_fn, params: Params, tests: Sequence[base.Batch], *, batch_size: int,
-                   mesh: Mesh) -> np.ndarray:
-  """Accuracy on each task's test data: (T,) float64 fractions (one row of the accuracy matrix)."""
-  return np.asarray([evaluate(eval_fn, params, t, batch_size=batch_size, mesh=mesh) for t in tests])
+def evaluate_tasks(eval_fn, params: Params, tests: Sequence[core.Batch], *, batch_size: int,
+                   mesh: Mesh) -> core.Evaluation:
+  """`evaluate` on each task's test data: (T,) float64 accuracies and NLLs (one row each of the
+  accuracy and NLL matrices)."""
+  rows = [evaluate(eval_fn, params, t, batch_size=batch_size, mesh=mesh) for t in tests]
+  return core.Evaluation(np.asarray([r.accuracy for r in rows]), np.asarray([r.nll for r in rows]))

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from cljax import experiment
+from cljax.runners import continual as experiment
 from cljax import training
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from cljax import sharding
+from cljax import tree as tree_lib
 from conftest import ROOT
 
 _SCRIPT = textwrap.dedent('''
@@ -109,12 +110,12 @@ def test_one_and_eight_devices_agree():
 
 def test_path_str_and_rules_errors():
   params = {'dense0': {'kernel': np.zeros((4, 6)), 'bias': np.zeros(6)}, 'head': {'kernel': np.zeros((6, 3))}}
-  assert sharding.leaf_paths(params) == ['dense0/bias', 'dense0/kernel', 'head/kernel']
+  assert tree_lib.leaf_paths(params) == ['dense0/bias', 'dense0/kernel', 'head/kernel']
   mesh = sharding.make_mesh(1)
   shardings = sharding.param_shardings(params, mesh, [('dense0/kernel', (None, 'model'))])
   assert tuple(shardings['dense0']['kernel'].spec) == (None, 'model')
   assert tuple(shardings['head']['kernel'].spec) == ()
-  with pytest.raises(ValueError, match=r"rule 'conv.\*' matches no parameter"):
+  with pytest.raises(ValueError, match=r"sharding_rules='conv.\*' matches no parameter"):
     sharding.param_shardings(params, mesh, [('conv.*', (None, 'model'))])
   with pytest.raises(ValueError, match=r"'dense0/bias' has 1 entries|for 'dense0/bias'"):
     sharding.param_shardings(params, mesh, [('dense0/bias', (None, 'model'))])

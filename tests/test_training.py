@@ -1,4 +1,4 @@
-"""The jitted loop: learning, NaN detection, padded evaluation, batch-size checks, after_step."""
+"""The jitted loop: learning, NaN detection, padded evaluation, batch-size checks, the update hook."""
 
 from typing import NamedTuple
 
@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from cljax import core
 from cljax import models
 from cljax import sharding
 from cljax import training
@@ -20,7 +21,7 @@ def _blobs(n=240, seed=0):
   rng = np.random.default_rng(seed)
   y = rng.integers(0, 2, n).astype(np.int32)
   x = (rng.normal(size=(n, 4)) + 3.0 * (2 * y[:, None] - 1)).astype(np.float32)
-  return base.Batch(x.reshape(n, 2, 2, 1), y, np.ones((n, 2), bool))
+  return core.Batch(x.reshape(n, 2, 2, 1), y, np.ones((n, 2), bool))
 
 
 def _model():
@@ -37,7 +38,7 @@ def test_fit_task_learns_and_evaluate_counts_padded_batches():
   assert result.losses.shape == (3 * (240 // 16),)
   assert result.losses[-5:].mean() < result.losses[:5].mean()
   eval_fn = training.make_eval_fn(apply_fn, mesh)
-  acc = training.evaluate(eval_fn, result.params, data, batch_size=100, mesh=mesh)  # 240 = 2*100 + 40
+  acc = training.evaluate(eval_fn, result.params, data, batch_size=100, mesh=mesh).accuracy  # 240 = 2*100 + 40
   logits = apply_fn(result.params, data.x)
   assert acc == pytest.approx(np.mean(np.argmax(logits, -1) == data.y))
   assert acc > 0.95
@@ -49,9 +50,9 @@ def test_masked_evaluation_only_considers_the_task_head():
   mesh = sharding.make_mesh()
   eval_fn = training.make_eval_fn(apply_fn, mesh)
   mask = np.tile(np.array([False, False, True, True]), (4, 1))
-  data = base.Batch(np.zeros((4, 1, 1, 1), np.float32), np.array([2, 2, 3, 1], np.int32), mask)
+  data = core.Batch(np.zeros((4, 1, 1, 1), np.float32), np.array([2, 2, 3, 1], np.int32), mask)
   # argmax over outputs {2, 3} is 2 whatever output 1 says.
-  assert training.evaluate(eval_fn, None, data, batch_size=2, mesh=mesh) == 0.5
+  assert training.evaluate(eval_fn, None, data, batch_size=2, mesh=mesh).accuracy == 0.5
 
 
 def test_nan_loss_names_task_and_step():
@@ -61,7 +62,7 @@ def test_nan_loss_names_task_and_step():
   x[:] = np.nan
   with pytest.raises(FloatingPointError, match=r'task 4, epoch 0, step 0'):
     training.fit_task(apply_fn, regularizers.finetune(), optax.sgd(0.1), params, base.EmptyState(),
-                      base.Batch(x, data.y, data.mask), epochs=1, batch_size=16, seed=0,
+                      core.Batch(x, data.y, data.mask), epochs=1, batch_size=16, seed=0,
                       mesh=sharding.make_mesh(), task_index=4)
 
 
@@ -71,7 +72,7 @@ def test_non_finite_method_gradient_is_caught(batch_size, step):
   either the next step's loss or, after the epoch's last step, the parameters reveal it."""
   apply_fn, params = _model()
   method = regularizers.finetune()._replace(
-      loss=lambda p, s, b, f: jnp.log(0.0 * optax.tree.sum(jax.tree.map(jnp.sum, p))))
+      loss=lambda p, s, b, **_: jnp.log(0.0 * optax.tree.sum(jax.tree.map(jnp.sum, p))))
   with pytest.raises(FloatingPointError, match=rf'task 0, epoch 0, step {step}'):
     training.fit_task(apply_fn, method, optax.sgd(0.1), params, base.EmptyState(), _blobs(32),
                       epochs=1, batch_size=batch_size, seed=0, mesh=sharding.make_mesh())
@@ -82,22 +83,22 @@ class CountState(NamedTuple):
   grad_sum: jax.Array
 
 
-def test_after_step_sees_task_gradients_only():
+def test_update_sees_task_gradients_only():
   """A method with a huge loss term: the hook must receive the cross-entropy gradient alone."""
   apply_fn, params = _model()
-  def loss(p, s, b, f):
+  def loss(p, s, b, **_):
     return 1e6 * optax.tree.sum(jax.tree.map(jnp.sum, p))
-  def after_step(state, params, updates, task_grads):
+  def update(state, params, updates, task_grads, *, key):
     return CountState(state.steps + 1, state.grad_sum + optax.tree.sum(jax.tree.map(jnp.sum, task_grads)))
   method = base.Method(init=lambda p: CountState(jnp.zeros((), jnp.int32), jnp.zeros(())),
                        loss=loss, gradient_transform=base.identity_transform,
-                       end_task=base.keep_state, after_step=after_step)
+                       end_task=base.keep_state, update=update)
   data = _blobs(32)
   result = training.fit_task(apply_fn, method, optax.sgd(0.0), params, method.init(params), data,
                              epochs=1, batch_size=16, seed=0, mesh=sharding.make_mesh())
   assert int(result.method_state.steps) == 2
   # With lr 0 the params never move: the same CE gradient twice, per batch, summed by hand.
-  task_loss = lambda p, b: base.cross_entropy(apply_fn(p, b.x), b.y, b.mask)
+  task_loss = lambda p, b: core.cross_entropy(apply_fn(p, b.x), b.y, b.mask)
   perm = np.random.default_rng(0).permutation(32)
   expected = 0.0
   for idx in (perm[:16], perm[16:]):
@@ -106,22 +107,22 @@ def test_after_step_sees_task_gradients_only():
   np.testing.assert_allclose(float(result.method_state.grad_sum), expected, rtol=1e-4, atol=1e-6)
 
 
-def test_after_step_updates_are_the_parameter_change():
+def test_update_hook_updates_are_the_parameter_change():
   """The hook's ``updates`` sum over a task to the parameters' total change, and ``params`` is
   where each step started (momentum SGD, three steps)."""
   apply_fn, params = _model()
   class Track(NamedTuple):
     moved: dict
     start: dict
-  def after_step(state, p, updates, task_grads):
-    del task_grads
+  def update(state, p, updates, task_grads, *, key):
+    del task_grads, key
     first = jnp.all(jnp.asarray([jnp.all(s == 0) for s in jax.tree.leaves(state.start)]))
     start = jax.tree.map(lambda s, x: jnp.where(first, x, s), state.start, p)
     return Track(jax.tree.map(jnp.add, state.moved, updates), start)
   zeros = lambda p: jax.tree.map(jnp.zeros_like, p)
   method = base.Method(init=lambda p: Track(zeros(p), zeros(p)), loss=base.no_loss,
                        gradient_transform=base.identity_transform, end_task=base.keep_state,
-                       after_step=after_step)
+                       update=update)
   result = training.fit_task(apply_fn, method, optax.sgd(0.1, momentum=0.9), params,
                              method.init(params), _blobs(48), epochs=1, batch_size=16, seed=0,
                              mesh=sharding.make_mesh())
@@ -136,32 +137,30 @@ def test_after_step_updates_are_the_parameter_change():
 
 
 def _output_loss_method(c, *, with_hook):
-  """A method whose output term pulls the logits toward recorded targets (prepare_data)."""
-  def prepare_data(params, state, data, apply_fn):
-    targets = np.tile(np.array([[2.0, -1.0]], np.float32), (data.size, 1))
-    return data._replace(teacher_logits=targets)
-  def output_loss(logits, state, batch, apply_fn):
-    return c * jnp.mean(jnp.sum(jnp.square(logits - batch.teacher_logits), axis=-1))
-  def after_step(state, params, updates, task_grads):
+  """A method whose term on the loop's logits pulls them toward targets recorded in ``aux``."""
+  def loss(params, state, batch, *, logits, apply_fn, key):
+    return c * jnp.mean(jnp.sum(jnp.square(logits - batch.aux['targets']), axis=-1))
+  def update(state, params, updates, task_grads, *, key):
     return CountState(state.steps + 1, state.grad_sum + optax.tree.sum(jax.tree.map(jnp.sum, task_grads)))
   return base.Method(init=lambda p: CountState(jnp.zeros((), jnp.int32), jnp.zeros(())),
-                     loss=base.no_loss, gradient_transform=base.identity_transform,
-                     end_task=base.keep_state, prepare_data=prepare_data, output_loss=output_loss,
-                     after_step=after_step if with_hook else None)
+                     loss=loss, gradient_transform=base.identity_transform,
+                     end_task=base.keep_state, update=update if with_hook else None)
 
 
 @pytest.mark.parametrize('with_hook', [False, True])
-def test_output_loss_and_prepare_data(with_hook):
-  """One full-batch SGD step: params move by the gradient of CE + the output term on the recorded
-  targets, the reported loss is the cross-entropy, and after_step sees the CE gradient alone."""
+def test_logits_term_and_aux(with_hook):
+  """One full-batch SGD step: params move by the gradient of CE + the term on the loop's logits
+  and the batch's aux targets, the reported loss is the cross-entropy, and the update hook sees
+  the CE gradient alone."""
   apply_fn, params = _model()
   data, c, lr = _blobs(32), 0.3, 0.1
   method = _output_loss_method(c, with_hook=with_hook)
+  data = data.with_aux(targets=np.tile(np.array([[2.0, -1.0]], np.float32), (data.size, 1)))
   result = training.fit_task(apply_fn, method, optax.sgd(lr), params, method.init(params), data,
                              epochs=1, batch_size=32, seed=0, mesh=sharding.make_mesh())
   targets = np.array([2.0, -1.0], np.float32)
   def ce(p):
-    return base.cross_entropy(apply_fn(p, data.x), data.y, data.mask)
+    return core.cross_entropy(apply_fn(p, data.x), data.y, data.mask)
   def total(p):
     return ce(p) + c * jnp.mean(jnp.sum(jnp.square(apply_fn(p, data.x) - targets), axis=-1))
   expected = jax.tree.map(lambda p, g: p - lr * g, params, jax.grad(total)(params))

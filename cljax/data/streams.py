@@ -1,7 +1,7 @@
 """Continual-learning task sequences built from a `Dataset`, deterministic from a seed.
 
 A `Stream` is a tuple of `Task`s whose data are `Batch`es of host numpy arrays (see
-`cljax.methods.base.Batch`), plus what the model needs to know: the size of its output layer and
+`cljax.core.Batch`), plus what the model needs to know: the size of its output layer and
 the input shape. The three scenarios of van de Ven & Tolias differ only in labels and masks:
 
   * ``'domain'`` (domain-incremental): one shared head over the dataset's classes; the input
@@ -31,7 +31,7 @@ import numpy as np
 from scipy import ndimage
 
 from cljax.data.sources import Dataset
-from cljax.methods.base import Batch
+from cljax.core import Batch
 
 
 class Task(NamedTuple):

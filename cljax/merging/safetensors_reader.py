@@ -19,7 +19,7 @@ Layouts accepted:
     ``orbax.checkpoint.PyTreeCheckpointer().save`` or ``StandardCheckpointer().save``, one step
     of a `cljax.checkpoint.StageCheckpointer` (``<dir>/<step>``, whose ``state`` item is read),
     or that step's item folder (``<dir>/<step>/state``). Tensor names are the '/'-joined pytree
-    paths (`cljax.paths.path_str`), e.g. ``params/Dense_0/kernel``; non-array leaves (strings)
+    paths (`cljax.tree.path_str`), e.g. ``params/Dense_0/kernel``; non-array leaves (strings)
     are left out. Each tensor is restored alone through `cljax.checkpoint.PyTreeArrays` (the
     only module that imports Orbax, imported here only when an Orbax checkpoint is opened).
 

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cljax import paths
+from cljax import tree as tree_lib
 from cljax.merging import validation
 
 Params = Any
@@ -36,9 +36,9 @@ Exclude = Optional[Union[str, Sequence[str]]]
 
 
 # A pytree key path as '/'-joined keys (e.g. 'params/Dense_0/kernel'), and every leaf's, in
-# flattening order: the names `cljax.paths` defines for sharding rules and methods' regexes.
-path_name = paths.path_str
-leaf_names = paths.leaf_paths
+# flattening order: the names `cljax.tree` defines for sharding rules and methods' regexes.
+path_name = tree_lib.path_str
+leaf_names = tree_lib.leaf_paths
 
 
 def _patterns(exclude: Exclude) -> list:

@@ -30,7 +30,7 @@ input of every ``nn.Dense`` and ``nn.Conv`` call, so no model is rewritten. Othe
 
 **Projection inside the backward pass (GPM).** A Dense kernel's projected gradient
 (I - M Mᵀ) Xᵀ dY needs O(d * k * out) multiply-adds when the (d, out) gradient is projected,
-O(batch * d * k) when the batch's inputs X are: GPM's ``wrap_apply`` hook intercepts the
+O(batch * d * k) when the batch's inputs X are: GPM's ``intercept`` hook intercepts the
 ``nn.Dense`` calls of the training forward pass and computes that gradient in the layer's own
 backward pass (`input_projected_dot`), on the cheaper side. A layer that reads the model's input
 gets it projected once per example before the task (`preprojected_dot`). Same gradients, fewer
@@ -55,11 +55,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cljax import checks
+from cljax import core
 from cljax import subspace
+from cljax import tree as tree_lib
 from cljax.methods import base
-from cljax.methods import regularizers
 
 Params = Any
+PROJECTED_INPUTS = 'projected_inputs'  # `Batch.aux` key of GPM's once-per-task projected inputs.
 RepresentationFn = Callable[[Params, Any], Mapping[str, jax.Array]]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -102,11 +105,11 @@ def protected_layers(params: Params, pattern: str, *, name: str) -> tuple[Layer,
     ValueError: ``pattern`` is not a regex, matches no parameter, or selects a leaf with fewer
       than 2 axes (a bias has no input side to project); the message names the leaf path.
   """
-  regex = regularizers.compile_regex(name, pattern)
+  regex = tree_lib.compile_patterns(pattern, name=name)[0]
   leaves = jax.tree_util.tree_flatten_with_path(params)[0]
   layers = []
   for index, (path, leaf) in enumerate(leaves):
-    path_name = regularizers.path_name(path)
+    path_name = tree_lib.path_str(path)
     if regex.fullmatch(path_name) is None:
       continue
     shape = tuple(np.shape(leaf))
@@ -116,7 +119,7 @@ def protected_layers(params: Params, pattern: str, *, name: str) -> tuple[Layer,
                        "protected; narrow the regex, e.g. '.*kernel'")
     layers.append(Layer(index, path_name, math.prod(shape[:-1]), shape[-1]))
   if not layers:
-    paths = [regularizers.path_name(p) for p, _ in leaves]
+    paths = [tree_lib.path_str(p) for p, _ in leaves]
     raise ValueError(f'{name}={pattern!r} matches no parameter; the parameters are {paths}')
   return tuple(layers)
 
@@ -369,7 +372,8 @@ def _projected_dense_call(module: nn.Dense, inputs: jax.Array, basis: jax.Array,
   if projected is None or math.prod(model_input.shape) != math.prod(inputs.shape):
     y = input_projected_dot(inputs, kernel, basis, rank, module.precision)
   elif math.prod(projected.shape) != math.prod(inputs.shape):
-    raise ValueError(f'Batch.projected_inputs[{path!r}] has shape {projected.shape} but the '
+    raise ValueError(f"Batch.aux['projected_inputs'][{path!r}] has shape"
+                     f' {projected.shape} but the '
                      f'layer\'s inputs are {inputs.shape}')
   else:
     # Checked at run time, cheaply: the layer's inputs are the model input itself.
@@ -381,10 +385,10 @@ def _projected_dense_call(module: nn.Dense, inputs: jax.Array, basis: jax.Array,
   return y
 
 
-def input_projected_apply(apply_fn: base.ApplyFn, bases: Sequence[jax.Array], ranks: jax.Array,
+def input_projected_apply(apply_fn: core.ApplyFn, bases: Sequence[jax.Array], ranks: jax.Array,
                           layers: Sequence['Layer'], *, name: str,
                           projected_inputs: Optional[Mapping[str, jax.Array]] = None
-                          ) -> base.ApplyFn:
+                          ) -> core.ApplyFn:
   """``apply_fn`` whose protected Dense kernels get GPM-projected gradients.
 
   Runs ``apply_fn`` inside `flax.linen.intercept_methods`; each ``nn.Dense`` call whose kernel's
@@ -403,7 +407,7 @@ def input_projected_apply(apply_fn: base.ApplyFn, bases: Sequence[jax.Array], ra
     name: the method, for errors (e.g. ``'gpm'``).
     projected_inputs: ``{layer path: the model input x projected off its basis}`` for layers
       that read x itself, for the calls on that x (`preprojected_dot`; see
-      `Batch.projected_inputs`). Whether a layer's inputs equal x is checked at run time.
+      ``Batch.aux['projected_inputs']``). Whether a layer's inputs equal x is checked at run time.
 
   Returns:
     ``apply(params, x, **kwargs)``; it raises ValueError while tracing if one of ``layers`` was
@@ -472,7 +476,7 @@ def _conv_matrix(module: nn.Conv, x: jax.Array, path: str) -> jax.Array:
       kernel_dilation=module.kernel_dilation or 1)
 
 
-def layer_representations(apply_fn: base.ApplyFn, params: Params, x: Any) -> dict[str, jax.Array]:
+def layer_representations(apply_fn: core.ApplyFn, params: Params, x: Any) -> dict[str, jax.Array]:
   """GPM's representation matrix of every Dense and conv layer of a Flax Linen model.
 
   Runs ``apply_fn(params, x, train=False)`` inside `flax.linen.intercept_methods` and records the
@@ -519,7 +523,7 @@ def layer_representations(apply_fn: base.ApplyFn, params: Params, x: Any) -> dic
   return {path: jnp.concatenate(parts, axis=1) for path, parts in columns.items()}
 
 
-def sample_inputs(task_data: base.Batch, num_samples: int, *, seed: int, task: int) -> np.ndarray:
+def sample_inputs(task_data: core.Batch, num_samples: int, *, seed: int, task: int) -> np.ndarray:
   """``num_samples`` inputs of ``task_data`` drawn without replacement (all if fewer), seeded by
   (seed, task), in their original order."""
   x = np.asarray(task_data.x)
@@ -638,8 +642,8 @@ def _gpm_transform(state: GPMState, layers_pattern: str, freeze_others: bool, pr
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _gpm_apply(apply_fn: base.ApplyFn, state: GPMState, batch: base.Batch,
-               layers_pattern: str) -> base.ApplyFn:
+def _gpm_apply(apply_fn: core.ApplyFn, state: GPMState, batch: core.Batch,
+               layers_pattern: str) -> core.ApplyFn:
   """The training forward pass of GPM in 'backward' mode (see `input_projected_apply`)."""
   def apply(params, x, **kwargs):
     layers = _gpm_layers(params, state, layers_pattern)
@@ -650,12 +654,19 @@ def _gpm_apply(apply_fn: base.ApplyFn, state: GPMState, batch: base.Batch,
         apply_fn, [state.bases[i] for i in dense], state.ranks[np.asarray(dense, np.int32)],
         [layers[i] for i in dense], name='gpm',
         # Only for the batch's own inputs (not, e.g., a replay term's other examples).
-        projected_inputs=batch.projected_inputs if x is batch.x else None)
+        projected_inputs=batch.aux.get(PROJECTED_INPUTS) if x is batch.x else None)
     return projected(params, x, **kwargs)
   return apply
 
 
-def _input_layers(apply_fn: base.ApplyFn, params: Params, layers: Sequence[Layer],
+def _gpm_intercept(params: Params, state: GPMState, batch: core.Batch, *, apply_fn: core.ApplyFn,
+                   key: jax.Array, layers_pattern: str) -> tuple:
+  """GPM's ``intercept``: the step differentiates the projected forward pass at ``params``."""
+  del key
+  return params, _gpm_apply(apply_fn, state, batch, layers_pattern)
+
+
+def _input_layers(apply_fn: core.ApplyFn, params: Params, layers: Sequence[Layer],
                   x: np.ndarray) -> list[int]:
   """The layers (indices into ``layers``) whose recorded inputs are the model's inputs,
   flattened: exactly equal on the examples ``x``, from a single call. Only decides what to
@@ -671,10 +682,11 @@ def _input_layers(apply_fn: base.ApplyFn, params: Params, layers: Sequence[Layer
   return found
 
 
-def _gpm_prepare_data(params: Params, state: GPMState, data: base.Batch, apply_fn: base.ApplyFn,
-                      layers_pattern: str) -> base.Batch:
+def _gpm_prepare_task(params: Params, state: GPMState, data: core.Batch, *, seen: Any,
+                      apply_fn: core.ApplyFn, key: jax.Array, layers_pattern: str) -> core.Batch:
   """Projects, once for the task, the inputs of protected Dense layers that read the model's
-  input (GPM's first layer): ``Batch.projected_inputs``. Other layers are left to the step."""
+  input (GPM's first layer): ``aux['projected_inputs']``. Other layers are left to the step."""
+  del seen, key
   layers = protected_layers(params, layers_pattern, name='gpm.layers')
   dense = _dense_kernels(params, layers)
   x = np.asarray(data.x)
@@ -685,7 +697,7 @@ def _gpm_prepare_data(params: Params, state: GPMState, data: base.Batch, apply_f
   for j in found:
     i = dense[j]
     projected[layers[i].path] = project_rows(x.reshape(len(x), -1), state.bases[i], state.ranks[i])
-  return data._replace(projected_inputs=projected) if projected else data
+  return data.with_aux(**{PROJECTED_INPUTS: projected}) if projected else data
 
 
 def gpm(
@@ -741,7 +753,7 @@ def gpm(
       (X - X M Mᵀ)ᵀ dY when the batch is no larger than the layer's outputs, O(batch * d * k)
       instead of O(d * k * out); conv kernels are projected as gradients. A Dense layer that
       reads the model's input itself (GPM's first layer) gets its inputs projected once per
-      example before each task instead (``prepare_data`` -> `Batch.projected_inputs`,
+      example before each task instead (``prepare_task`` -> ``Batch.aux['projected_inputs']``,
       `preprojected_dot`), at the cost of a second copy of the task's inputs in memory. Needs a
       Flax Linen model whose protected 2-D kernels belong to plain ``nn.Dense`` layers
       (otherwise the first step raises, naming them), and each kernel used by its Dense layer
@@ -765,10 +777,10 @@ def gpm(
     and Algorithm 1; the thresholds and sample sizes from its reference code.
   """
   thresholds = _thresholds('gpm.threshold', threshold)
-  regularizers.validate_non_negative('gpm.threshold_increment', threshold_increment)
-  regularizers.compile_regex('gpm.layers', layers)
-  regularizers.validate_int('gpm.num_samples', num_samples, minimum=1)
-  regularizers.validate_int('gpm.max_rank', max_rank, minimum=0)
+  checks.non_negative('gpm.threshold_increment', threshold_increment)
+  tree_lib.compile_patterns(layers, name='gpm.layers')
+  checks.integer('gpm.num_samples', num_samples, minimum=1)
+  checks.integer('gpm.max_rank', max_rank, minimum=0)
   if representation_fn is not None and not callable(representation_fn):
     raise ValueError(f'gpm.representation_fn must be callable, got {representation_fn!r}')
   if projection is None:
@@ -783,7 +795,8 @@ def gpm(
     bases = tuple(jnp.zeros((l.dim, w), jnp.float32) for l, w in zip(protected, widths))
     return GPMState(bases, jnp.zeros((len(protected),), jnp.int32), jnp.zeros((), jnp.int32))
 
-  def end_task(params, state, task_data, apply_fn):
+  def end_task(params, state, task_data, *, apply_fn, key):
+    del key  # The representation sample is seeded by (seed, task).
     t = int(state.num_tasks)
     protected = protected_layers(params, layers, name='gpm.layers')
     per_layer = _per_layer('gpm.threshold', thresholds, protected)
@@ -802,9 +815,9 @@ def gpm(
       init=init, loss=base.no_loss,
       gradient_transform=lambda s: _gpm_transform(s, layers, freeze_others, projection),
       end_task=end_task,
-      wrap_apply=((lambda fn, s, b: _gpm_apply(fn, s, b, layers)) if projection == 'backward'
-                  else None),
-      prepare_data=(functools.partial(_gpm_prepare_data, layers_pattern=layers)
+      intercept=(functools.partial(_gpm_intercept, layers_pattern=layers)
+                 if projection == 'backward' else None),
+      prepare_task=(functools.partial(_gpm_prepare_task, layers_pattern=layers)
                     if projection == 'backward' and representation_fn is None else None))
 
 
@@ -900,7 +913,7 @@ def osft(*, rank_fraction: float = 0.1, max_rank_fraction: float = 1.0,
   """
   _validate_threshold('osft.rank_fraction', rank_fraction)
   _validate_threshold('osft.max_rank_fraction', max_rank_fraction)
-  regularizers.compile_regex('osft.layers', layers)
+  tree_lib.compile_patterns(layers, name='osft.layers')
 
   def init(params):
     protected = protected_layers(params, layers, name='osft.layers')
@@ -909,8 +922,8 @@ def osft(*, rank_fraction: float = 0.1, max_rank_fraction: float = 1.0,
                      tuple(jnp.zeros((l.out, k), jnp.float32) for l, k in zip(protected, m)),
                      jnp.zeros((len(protected),), jnp.int32), jnp.zeros((), jnp.int32))
 
-  def end_task(params, state, task_data, apply_fn):
-    del task_data, apply_fn
+  def end_task(params, state, task_data, *, apply_fn, key):
+    del task_data, apply_fn, key
     t = int(state.num_tasks) + 1
     protected = protected_layers(params, layers, name='osft.layers')
     leaves = jax.tree_util.tree_leaves(params)
@@ -1040,7 +1053,7 @@ def coso(
 
   The transform's state (P and a step count) lives in the optax state, re-initialised at every
   task as CoSO resets its projector; the sketch lives in the method state and is updated by the
-  ``after_step`` hook from the step's task gradient (recomputing G' and its SVD at refresh steps).
+  ``update`` hook from the step's task gradient (recomputing G' and its SVD at refresh steps).
   Cost: every step projects each gradient off H twice (transform and hook, rank-bucketed as in
   `gpm`); every refresh adds two thin SVDs of each (d, out) gradient and one of the (2 ell, d)
   stacked sketch, so ``update_gap`` trades the subspace's freshness against time (a (784, 100)
@@ -1064,7 +1077,7 @@ def coso(
       other parameters are updated unprojected).
 
   Returns:
-    A `Method` with state `CoSOState` and an ``after_step`` hook.
+    A `Method` with state `CoSOState` and an ``update`` hook.
 
   Raises:
     ValueError: non-positive ranks or gap, a threshold outside (0, 1] (each named
@@ -1075,11 +1088,11 @@ def coso(
     arXiv 2505.11816 (2025), Sec. 3 (gradient projection onto sequential subspaces, orthogonality
     to the historical subspace, Frequent-Directions task component). Liberty, KDD 2013 (FD).
   """
-  regularizers.validate_int('coso.proj_rank', proj_rank, minimum=1)
-  regularizers.validate_int('coso.sketch_rank', sketch_rank, minimum=1)
-  regularizers.validate_int('coso.update_gap', update_gap, minimum=1)
+  checks.integer('coso.proj_rank', proj_rank, minimum=1)
+  checks.integer('coso.sketch_rank', sketch_rank, minimum=1)
+  checks.integer('coso.update_gap', update_gap, minimum=1)
   _validate_threshold('coso.threshold', threshold)
-  regularizers.compile_regex('coso.layers', layers)
+  tree_lib.compile_patterns(layers, name='coso.layers')
 
   def fresh_sketches(protected):
     _, ells = _coso_ranks(protected, proj_rank, sketch_rank)
@@ -1091,8 +1104,8 @@ def coso(
                      jnp.zeros((len(protected),), jnp.int32), fresh_sketches(protected),
                      jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
 
-  def after_step(state, params, updates, task_grads):
-    del params, updates
+  def update(state, params, updates, task_grads, *, key):
+    del params, updates, key
     protected = protected_layers(task_grads, layers, name='coso.layers')
     _, ells = _coso_ranks(protected, proj_rank, sketch_rank)
     leaves = jax.tree_util.tree_leaves(task_grads)
@@ -1108,8 +1121,8 @@ def coso(
       sketches.append(jax.lax.cond(refresh, absorb, lambda fd: fd, state.sketches[i]))
     return state._replace(sketches=tuple(sketches), step=state.step + 1)
 
-  def end_task(params, state, task_data, apply_fn):
-    del task_data, apply_fn
+  def end_task(params, state, task_data, *, apply_fn, key):
+    del task_data, apply_fn, key
     protected = protected_layers(params, layers, name='coso.layers')
     bases = tuple(subspace.grow_basis_padded(b, fd.sketch.T, threshold, width=b.shape[1])
                   for b, fd in zip(state.bases, state.sketches))
@@ -1120,4 +1133,4 @@ def coso(
   return base.Method(init=init, loss=base.no_loss,
                      gradient_transform=lambda s: _coso_transform(s, layers, proj_rank,
                                                                   sketch_rank, update_gap),
-                     end_task=end_task, after_step=after_step)
+                     end_task=end_task, update=update)

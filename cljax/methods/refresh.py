@@ -1,4 +1,4 @@
-"""Refresh learning: unlearn the current batch a little, then relearn it, around any method.
+"""Refresh learning: unlearn the current batch a little, then relearn it; chained with any method.
 
 Wang et al. (ICLR 2024) cast continual-learning methods as one objective L_CL (cross-entropy plus
 the method's output- or weight-space regularizer) and add a plug-in that, at every step, first
@@ -22,11 +22,12 @@ How it is computed here (see `refresh` for the hyperparameters):
     by the damped inverse diagonal Fisher (1 + c F)^{-1} and scaled by gamma = ``unlearn_rate``.
     F is the diagonal Fisher of the latest task(s) (`cljax.fisher`), computed at each task's end
     (F = 0, no preconditioning, during the first task).
-  * The unlearn step is the method's ``before_step``: the training loop moves the parameters to
+  * The unlearn step is the method's ``intercept``: the training loop moves the parameters to
     theta' and then takes its ordinary step there, theta <- theta' - eta grad L_CL(theta'), with
-    the wrapped method's loss, output term, gradient transform and optimizer: the paper's update
-    (Algorithm 1), unlearn displacement included. The step's reported loss is the cross-entropy
-    at theta'.
+    every other chained method's terms, gradient transforms and the optimizer: the paper's update
+    (Algorithm 1), unlearn displacement included. ``chain(ewc(), refresh())`` (config
+    ``methods=('ewc+refresh',)``) is refresh learning around EWC. The step's reported loss is the
+    cross-entropy at theta'.
 
 References:
   Wang, Li, Shen & Huang, "A Unified and General Framework for Continual Learning", ICLR 2024,
@@ -42,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cljax import checks
+from cljax import core
 from cljax import fisher as fisher_lib
 from cljax.methods import base
 from cljax.methods import regularizers
@@ -90,7 +93,6 @@ def unlearn_displacement(params: Params, grads: Params, fisher: Params, noise: P
 
 
 def refresh(
-    inner: base.Method,
     *,
     unlearn_rate: float = 1e-5,
     noise: float = 0.0,
@@ -102,16 +104,13 @@ def refresh(
     fisher_batch_size: int = 32,
     seed: int = 0,
 ) -> base.Method:
-  """Refresh learning around ``inner``: every step unlearns the batch, then relearns it.
+  """Refresh learning: every step unlearns the batch, then relearns it from the unlearned point.
 
-  See the module docstring for the update and how it maps onto the `Method` contract. The
-  wrapped method keeps its own loss and output terms (evaluated at the unlearned point),
-  gradient transform, training data, recorded data (``prepare_data``), consolidation and
-  per-step hook (which receives the step from theta' and the cross-entropy gradient there, the
-  one the training loop computes).
+  See the module docstring for the update. Alone it refreshes plain fine-tuning; chained after
+  another method (``chain(ewc(), refresh())``) that method's terms are evaluated at the unlearned
+  point and its hooks see the step taken from there.
 
   Args:
-    inner: the continual method refreshed (e.g. `cljax.methods.regularizers.ewc()`).
     unlearn_rate: gamma >= 0, the unlearn step's size; with ``normalize`` a fraction of each
       parameter tensor's norm. 0 gives ``inner`` itself. The default is the reference code's
       ``delta`` (1e-5). Each step keeps its displacement, so the rate must stay well below the
@@ -136,85 +135,47 @@ def refresh(
 
   Raises:
     ValueError: a negative or non-finite unlearn_rate, noise or fisher_weight, fisher_decay
-      outside [0, 1], an unknown estimator, num_samples or fisher_batch_size < 1, or an inner
-      that is not a `Method`.
+      outside [0, 1], an unknown estimator, num_samples or fisher_batch_size < 1.
 
   References:
     Wang et al., "A Unified and General Framework for Continual Learning", ICLR 2024, Sec. 4 and
     Algorithm 1.
   """
-  if not isinstance(inner, base.Method):
-    raise ValueError(f'refresh wraps a cljax Method, got {type(inner).__name__}')
-  regularizers.validate_non_negative('refresh.unlearn_rate', unlearn_rate)
-  regularizers.validate_non_negative('refresh.noise', noise)
-  regularizers.validate_non_negative('refresh.fisher_weight', fisher_weight)
-  regularizers.validate_fraction('refresh.fisher_decay', fisher_decay)
-  if not isinstance(normalize, bool):
-    raise ValueError(f'refresh.normalize must be a bool, got {normalize!r}')
-  if fisher_estimator not in fisher_lib.ESTIMATORS:
-    raise ValueError(f'refresh.fisher_estimator must be one of {fisher_lib.ESTIMATORS}, '
-                     f'got {fisher_estimator!r}')
-  regularizers.validate_int('refresh.num_samples', num_samples, minimum=1)
-  regularizers.validate_int('refresh.fisher_batch_size', fisher_batch_size, minimum=1)
+  checks.non_negative('refresh.unlearn_rate', unlearn_rate)
+  checks.non_negative('refresh.noise', noise)
+  checks.non_negative('refresh.fisher_weight', fisher_weight)
+  checks.fraction('refresh.fisher_decay', fisher_decay)
+  checks.boolean('refresh.normalize', normalize)
+  checks.one_of('refresh.fisher_estimator', fisher_estimator, fisher_lib.ESTIMATORS)
+  checks.integer('refresh.num_samples', num_samples, minimum=1)
+  checks.integer('refresh.fisher_batch_size', fisher_batch_size, minimum=1)
 
   def init(params):
-    return RefreshState(inner.init(params), optax.tree.zeros_like(params),
-                        jax.random.key_data(jax.random.key(seed)), jnp.zeros((), jnp.int32))
+    return RefreshState(optax.tree.zeros_like(params), jnp.zeros((), jnp.int32))
 
-  def before_step(params, state, batch, apply_fn):
+  def intercept(params, state, batch, *, apply_fn, key):
     """The unlearn step: theta' = theta + displacement (ascent on the batch's cross-entropy)."""
     def task_loss(p):
-      return base.cross_entropy(apply_fn(p, batch.x, train=True), batch.y, batch.mask)
-
+      return core.batch_loss(apply_fn(p, batch.x, train=True), batch)
     grads = jax.grad(task_loss)(params)
     if noise > 0:
-      _, noise_key = jax.random.split(jax.random.wrap_key_data(state.key))
-      xi = optax.tree.random_like(noise_key, params)
+      xi = optax.tree.random_like(jax.random.fold_in(key, seed), params)
     else:
       xi = optax.tree.zeros_like(params)
     delta = unlearn_displacement(params, grads, state.fisher, xi, unlearn_rate=unlearn_rate,
                                  noise_scale=noise, fisher_weight=fisher_weight,
                                  normalize=normalize)
-    return optax.tree.add(params, delta)
+    return optax.tree.add(params, delta), apply_fn
 
-  def loss(params, state, batch, apply_fn):
-    return inner.loss(params, state.inner, batch, apply_fn)
-
-  def output_loss(logits, state, batch, apply_fn):
-    return inner.output_loss(logits, state.inner, batch, apply_fn)
-
-  def gradient_transform(state):
-    return inner.gradient_transform(state.inner)
-
-  def end_task(params, state, task_data, apply_fn):
-    inner_state = inner.end_task(params, state.inner, task_data, apply_fn)
+  def end_task(params, state, task_data, *, apply_fn, key):
+    del key  # The Fisher's subset and sampled labels are seeded by (seed, task).
     fisher = state.fisher
     if fisher_weight > 0:
       f = regularizers.task_fisher(apply_fn, params, task_data, task=int(state.num_tasks),
                                    estimator=fisher_estimator, num_samples=num_samples,
                                    batch_size=fisher_batch_size, seed=seed)
       fisher = jax.tree.map(lambda old, new: fisher_decay * old + new, state.fisher, f)
-    return RefreshState(inner_state, fisher, state.key, state.num_tasks + 1)
+    return RefreshState(fisher, state.num_tasks + 1)
 
-  def after_step(state, params, updates, task_grads):
-    inner_state = state.inner
-    if inner.after_step is not None:
-      inner_state = inner.after_step(inner_state, params, updates, task_grads)
-    next_key, _ = jax.random.split(jax.random.wrap_key_data(state.key))
-    return state._replace(inner=inner_state, key=jax.random.key_data(next_key))
-
-  # Without noise or an inner hook the state is constant during a task: no hook, so the loop
-  # differentiates one combined loss.
-  needs_hook = noise > 0 or inner.after_step is not None
-  def prepare_data(params, state, data, apply_fn):
-    return inner.prepare_data(params, state.inner, data, apply_fn)
-
-  return base.Method(init=init, loss=loss, gradient_transform=gradient_transform,
-                     end_task=end_task, training_data=inner.training_data,
-                     after_step=after_step if needs_hook else None,
-                     prepare_data=prepare_data if inner.prepare_data is not None else None,
-                     output_loss=output_loss if inner.output_loss is not None else None,
-                     before_step=before_step if unlearn_rate > 0 else None,
-                     wrap_apply=(None if inner.wrap_apply is None else
-                                 lambda fn, state, batch: inner.wrap_apply(fn, state.inner,
-                                                                           batch)))
+  return base.Method(init=init, loss=base.no_loss, gradient_transform=base.identity_transform,
+                     end_task=end_task, intercept=intercept if unlearn_rate > 0 else None)

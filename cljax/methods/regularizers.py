@@ -6,14 +6,12 @@ ValueError naming it as ``<method>.<key>``, its config key) and returns a
 every quadratic penalty keeps one importance pytree and one anchor, however many tasks were seen.
 
 Parameters are named by their '/'-joined pytree paths (``'dense0/kernel'``, ``'head/bias'``; see
-`param_paths`), so that regex rules over these names select what a method touches.
+`cljax.tree`), so that regex rules over these names select what a method touches.
 """
 
 from __future__ import annotations
 
 import functools
-import math
-import re
 from typing import Any, NamedTuple
 
 import jax
@@ -21,88 +19,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cljax import checks
+from cljax import core
 from cljax import fisher as fisher_lib
-from cljax import paths
+from cljax import tree as tree_lib
 from cljax.methods import base
 
 Params = Any
 
 
-# ----------------------------------------------------------------------------- validation
-
-
-def validate_non_negative(name: str, value: Any) -> None:
-  """Raises ValueError unless ``value`` is a finite real number >= 0 (NaN and bools rejected)."""
-  if (isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating))
-      or not math.isfinite(value) or value < 0):
-    raise ValueError(f'{name} must be a finite number >= 0, got {value!r}')
-
-
-def validate_positive(name: str, value: Any) -> None:
-  """Raises ValueError unless ``value`` is a finite real number > 0."""
-  validate_non_negative(name, value)
-  if value <= 0:
-    raise ValueError(f'{name} must be > 0, got {value!r}')
-
-
-def validate_fraction(name: str, value: Any) -> None:
-  """Raises ValueError unless ``value`` is a finite real number in [0, 1]."""
-  validate_non_negative(name, value)
-  if value > 1:
-    raise ValueError(f'{name} must be in [0, 1], got {value!r}')
-
-
-def validate_int(name: str, value: Any, *, minimum: int) -> None:
-  """Raises ValueError unless ``value`` is an int (not a bool) >= ``minimum``."""
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-    raise ValueError(f'{name} must be an int >= {minimum}, got {value!r}')
-
-
-# Kept for callers of the foundation's private name.
-_validate_strength = validate_non_negative
-
-
-# ------------------------------------------------------------------------ parameter paths
-
-
-path_name = paths.path_str  # '/'-joined parameter path, shared with sharding and merging.
-
-
-def param_paths(params: Params) -> Params:
-  """A pytree like ``params`` whose leaves are the leaves' '/'-joined path names."""
-  return jax.tree_util.tree_map_with_path(lambda path, _: path_name(path), params)
-
-
-def compile_regex(name: str, pattern: Any) -> re.Pattern:
-  """Compiles a parameter-selection regex; ValueError naming ``name`` if it is not one."""
-  if not isinstance(pattern, str):
-    raise ValueError(f'{name} must be a regex string, got {pattern!r}')
-  try:
-    return re.compile(pattern)
-  except re.error as e:
-    raise ValueError(f'{name}={pattern!r} is not a valid regular expression: {e}') from e
-
-
-def select_params(params: Params, regex: re.Pattern, *, name: str) -> Params:
-  """A pytree of Python bools: whether each leaf's path name fully matches ``regex``.
-
-  Works on traced params as well (paths are structure), so a loss can call it under jit.
-
-  Raises:
-    ValueError: the regex matches no parameter (names ``name`` and lists the parameter paths).
-  """
-  selected = jax.tree.map(lambda p: regex.fullmatch(p) is not None, param_paths(params))
-  if not any(jax.tree.leaves(selected)):
-    raise ValueError(f'{name}={regex.pattern!r} matches no parameter; the parameters are '
-                     f'{jax.tree.leaves(param_paths(params))}')
-  return selected
+def select_params(params: Params, pattern: str, *, name: str) -> Params:
+  """`cljax.tree.select` with one pattern that must match some leaf: a pytree of Python bools."""
+  return tree_lib.select(params, pattern, name=name)
 
 
 def _copy(params: Params) -> Params:
   return jax.tree.map(jnp.copy, params)
 
 
-def _subset(task_data: base.Batch, num_samples: int, seed: int, task: int) -> base.Batch:
+def _subset(task_data: core.Batch, num_samples: int, seed: int, task: int) -> core.Batch:
   """``num_samples`` examples of ``task_data`` drawn without replacement, seeded by (seed, task)."""
   rng = np.random.default_rng([seed, task])
   idx = rng.choice(task_data.size, size=min(num_samples, task_data.size), replace=False)
@@ -173,21 +108,21 @@ def l2(*, strength: float = 1.0, param_regex: str = '.*') -> base.Method:
     the L2 parameter-regularization baseline, EWC's penalty (Kirkpatrick et al. 2017, Eq. 3) with
     uniform importance.
   """
-  validate_non_negative('l2.strength', strength)
-  regex = compile_regex('l2.param_regex', param_regex)
+  checks.non_negative('l2.strength', strength)
+  tree_lib.compile_patterns(param_regex, name='l2.param_regex')
 
   def init(params):
-    select_params(params, regex, name='l2.param_regex')
+    select_params(params, param_regex, name='l2.param_regex')
     return L2State(_copy(params), jnp.zeros((), jnp.int32))
 
-  def loss(params, state, batch, apply_fn):
-    del batch, apply_fn
-    selected = select_params(params, regex, name='l2.param_regex')
+  def loss(params, state, batch, *, logits, apply_fn, key):
+    del batch, logits, apply_fn, key
+    selected = select_params(params, param_regex, name='l2.param_regex')
     penalty = 0.5 * strength * l2_penalty(params, state.anchor, selected)
     return jnp.where(state.num_tasks > 0, penalty, 0.0)
 
-  def end_task(params, state, task_data, apply_fn):
-    del task_data, apply_fn
+  def end_task(params, state, task_data, *, apply_fn, key):
+    del task_data, apply_fn, key
     return L2State(_copy(params), state.num_tasks + 1)
 
   return base.Method(init=init, loss=loss, gradient_transform=base.identity_transform,
@@ -265,8 +200,8 @@ def _validate_fisher_options(name, fisher_estimator, num_samples, fisher_batch_s
   if fisher_estimator not in fisher_lib.ESTIMATORS:
     raise ValueError(f'{name}.fisher_estimator must be one of {fisher_lib.ESTIMATORS}, '
                      f'got {fisher_estimator!r}')
-  validate_int(f'{name}.num_samples', num_samples, minimum=1)
-  validate_int(f'{name}.fisher_batch_size', fisher_batch_size, minimum=1)
+  checks.integer(f'{name}.num_samples', num_samples, minimum=1)
+  checks.integer(f'{name}.fisher_batch_size', fisher_batch_size, minimum=1)
 
 
 def task_fisher(apply_fn, params, task_data, *, task, estimator, num_samples, batch_size, seed):
@@ -304,14 +239,15 @@ def ewc(
   References:
     Kirkpatrick et al., "Overcoming catastrophic forgetting in neural networks", PNAS 2017, Eq. 3.
   """
-  validate_non_negative('ewc.strength', strength)
+  checks.non_negative('ewc.strength', strength)
   _validate_fisher_options('ewc', fisher_estimator, num_samples, fisher_batch_size)
 
-  def loss(params, state, batch, apply_fn):
-    del batch, apply_fn
+  def loss(params, state, batch, *, logits, apply_fn, key):
+    del batch, logits, apply_fn, key
     return 0.5 * strength * ewc_penalty(params, state)
 
-  def end_task(params, state, task_data, apply_fn):
+  def end_task(params, state, task_data, *, apply_fn, key):
+    del key  # The Fisher's subset and sampled labels are seeded by (seed, task).
     f = task_fisher(apply_fn, params, task_data, task=int(state.num_tasks),
                     estimator=fisher_estimator, num_samples=num_samples,
                     batch_size=fisher_batch_size, seed=seed)
@@ -354,15 +290,16 @@ def online_ewc(
     online EWC, F*_t = gamma F*_{t-1} + F_t with the penalty anchored at theta*_{t-1}.
     Kirkpatrick et al., PNAS 2017, Eq. 3.
   """
-  validate_non_negative('online_ewc.strength', strength)
-  validate_fraction('online_ewc.gamma', gamma)
+  checks.non_negative('online_ewc.strength', strength)
+  checks.fraction('online_ewc.gamma', gamma)
   _validate_fisher_options('online_ewc', fisher_estimator, num_samples, fisher_batch_size)
 
-  def loss(params, state, batch, apply_fn):
-    del batch, apply_fn
+  def loss(params, state, batch, *, logits, apply_fn, key):
+    del batch, logits, apply_fn, key
     return 0.5 * strength * weighted_quadratic(params, state.fisher, state.anchor)
 
-  def end_task(params, state, task_data, apply_fn):
+  def end_task(params, state, task_data, *, apply_fn, key):
+    del key  # The Fisher's subset and sampled labels are seeded by (seed, task).
     f = task_fisher(apply_fn, params, task_data, task=int(state.num_tasks),
                     estimator=fisher_estimator, num_samples=num_samples,
                     batch_size=fisher_batch_size, seed=seed)
@@ -412,7 +349,7 @@ def si(*, strength: float = 0.1, damping: float = 0.1) -> base.Method:
   """Synaptic Intelligence: a per-parameter importance from the path integral of the loss.
 
   During a task, each step adds -g_k * delta theta_k to omega_k, where g is the gradient of the
-  cross-entropy alone (the unregularized loss, passed by the training loop to ``after_step``) and
+  cross-entropy alone (the unregularized loss, passed by the training loop to ``update``) and
   delta theta the parameter change of the step (whatever optimizer made it). At the end of the
   task, Omega_k += omega_k / ((theta_k(end) - theta~_k)^2 + xi) and theta~ <- theta(end).
 
@@ -436,27 +373,27 @@ def si(*, strength: float = 0.1, damping: float = 0.1) -> base.Method:
     Zenke, Poole & Ganguli, "Continual Learning Through Synaptic Intelligence", ICML 2017, Eq. 3
     (omega), Eq. 4 (surrogate loss) and Eq. 5 (Omega).
   """
-  validate_non_negative('si.strength', strength)
-  validate_positive('si.damping', damping)
+  checks.non_negative('si.strength', strength)
+  checks.positive('si.damping', damping)
 
   def init(params):
     zeros = optax.tree.zeros_like(params)
     return SIState(zeros, zeros, _copy(params))
 
-  def loss(params, state, batch, apply_fn):
-    del batch, apply_fn
+  def loss(params, state, batch, *, logits, apply_fn, key):
+    del batch, logits, apply_fn, key
     return strength * weighted_quadratic(params, state.importance, state.anchor)
 
-  def after_step(state, params, updates, task_grads):
-    del params
+  def update(state, params, updates, task_grads, *, key):
+    del params, key
     return state._replace(omega=si_path_step(state.omega, updates, task_grads))
 
-  def end_task(params, state, task_data, apply_fn):
-    del task_data, apply_fn
+  def end_task(params, state, task_data, *, apply_fn, key):
+    del task_data, apply_fn, key
     return si_consolidate(state, params, damping=damping)
 
   return base.Method(init=init, loss=loss, gradient_transform=base.identity_transform,
-                     end_task=end_task, after_step=after_step)
+                     end_task=end_task, update=update)
 
 
 # ------------------------------------------------------------------------------------ mas
@@ -474,7 +411,9 @@ class MASState(NamedTuple):
 def _squared_output_norm(apply_fn, params, x, mask):
   """||F(x; theta)||_2^2 of one example over its allowed outputs (a task-IL head alone)."""
   logits = apply_fn(params, x[None], train=False)[0].astype(jnp.float32)
-  return jnp.sum(jnp.square(jnp.where(mask, logits, 0.0)))
+  if mask is not None:
+    logits = jnp.where(mask, logits, 0.0)
+  return jnp.sum(jnp.square(logits))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -485,7 +424,7 @@ def _chunk_mas_sum(apply_fn, params, x, mask, valid):
   return jax.tree.map(lambda g: jnp.tensordot(weights, jnp.abs(g), axes=1), per_example)
 
 
-def mas_importance(apply_fn: base.ApplyFn, params: Params, data: base.Batch, *,
+def mas_importance(apply_fn: core.ApplyFn, params: Params, data: core.Batch, *,
                    batch_size: int = 32) -> Params:
   """MAS importance: mean over examples of |d ||F(x_k; theta)||_2^2 / d theta|.
 
@@ -516,7 +455,8 @@ def mas_importance(apply_fn: base.ApplyFn, params: Params, data: base.Batch, *,
   for start in range(0, n, batch_size):
     idx = np.arange(start, start + batch_size).clip(max=n - 1)  # Pad to one compiled shape.
     valid = np.arange(start, start + batch_size) < n
-    x, mask = np.asarray(data.x)[idx], np.asarray(data.mask)[idx]
+    x = np.asarray(data.x)[idx]
+    mask = None if data.mask is None else np.asarray(data.mask)[idx]
     total = optax.tree.add(total, _chunk_mas_sum(apply_fn, params, x, mask, jnp.asarray(valid)))
   return optax.tree.scale(1.0 / n, total)
 
@@ -541,18 +481,19 @@ def mas(*, strength: float = 1.0, num_samples: int = 1024, batch_size: int = 32,
   References:
     Aljundi et al., "Memory Aware Synapses: Learning what (not) to forget", ECCV 2018, Eq. 2-4.
   """
-  validate_non_negative('mas.strength', strength)
-  validate_int('mas.num_samples', num_samples, minimum=1)
-  validate_int('mas.batch_size', batch_size, minimum=1)
+  checks.non_negative('mas.strength', strength)
+  checks.integer('mas.num_samples', num_samples, minimum=1)
+  checks.integer('mas.batch_size', batch_size, minimum=1)
 
   def init(params):
     return MASState(optax.tree.zeros_like(params), _copy(params), jnp.zeros((), jnp.int32))
 
-  def loss(params, state, batch, apply_fn):
-    del batch, apply_fn
+  def loss(params, state, batch, *, logits, apply_fn, key):
+    del batch, logits, apply_fn, key
     return strength * weighted_quadratic(params, state.importance, state.anchor)
 
-  def end_task(params, state, task_data, apply_fn):
+  def end_task(params, state, task_data, *, apply_fn, key):
+    del key
     subset = _subset(task_data, num_samples, seed, int(state.num_tasks))
     omega = mas_importance(apply_fn, params, subset, batch_size=batch_size)
     return MASState(optax.tree.add(state.importance, omega), _copy(params), state.num_tasks + 1)
@@ -640,7 +581,8 @@ def infer_num_outputs(params: Params, *, name: str) -> int:
   leaves = jax.tree_util.tree_flatten_with_path(params)[0]
   for suffix in ('head/bias', 'head/kernel'):
     for path, leaf in leaves:
-      if path_name(path) == suffix or path_name(path).endswith('/' + suffix):
+      name = tree_lib.path_str(path)
+      if name == suffix or name.endswith('/' + suffix):
         return int(leaf.shape[-1])
   raise ValueError(f'cannot infer the number of outputs: no parameter named .../head/bias or '
                    f'.../head/kernel; set {name}')
@@ -651,7 +593,7 @@ def _forward(apply_fn, params, x):
   return apply_fn(params, x, train=False).astype(jnp.float32)
 
 
-def record_logits(apply_fn: base.ApplyFn, params: Params, x: np.ndarray, *,
+def record_logits(apply_fn: core.ApplyFn, params: Params, x: np.ndarray, *,
                   batch_size: int = 1024) -> np.ndarray:
   """A model's outputs on every input, in fixed-size jitted chunks (one compile).
 
@@ -671,6 +613,9 @@ def record_logits(apply_fn: base.ApplyFn, params: Params, x: np.ndarray, *,
   return np.concatenate(out, axis=0) if out else np.zeros((0, 0), np.float32)
 
 
+TEACHER_LOGITS = 'teacher_logits'  # `Batch.aux` key of LwF's recorded old-model outputs.
+
+
 def lwf(*, strength: float = 1.0, temperature: float = 2.0, num_outputs: int = 0) -> base.Method:
   """Learning without Forgetting: distillation to the previous model on the current inputs.
 
@@ -686,10 +631,10 @@ def lwf(*, strength: float = 1.0, temperature: float = 2.0, num_outputs: int = 0
       one softmax over them (the new classes have no old response to preserve).
 
   As Li & Hoiem's Algorithm 1, the old model's responses Y_o on the task's inputs are recorded
-  once before the task (``prepare_data`` fills ``Batch.teacher_logits``), so a training step
-  costs no teacher forward pass, and the distillation is an ``output_loss`` on the loop's own
+  once before the task (``prepare_task`` adds ``aux['teacher_logits']``), so a training step
+  costs no teacher forward pass, and the distillation is a ``loss`` term on the loop's own
   logits (one backward pass for cross-entropy and distillation). On a batch without recorded
-  responses ``output_loss`` runs the old model.
+  responses the term runs the old model.
 
   LwF's warm-up phase (training the new head alone first) is not done: with a shared output
   layer there is no separate new head.
@@ -708,28 +653,29 @@ def lwf(*, strength: float = 1.0, temperature: float = 2.0, num_outputs: int = 0
     Li & Hoiem, "Learning without Forgetting", ECCV 2016 / TPAMI 2017, Eq. 2 (L_old) and Eq. 3
     (temperature-softened probabilities).
   """
-  validate_non_negative('lwf.strength', strength)
-  validate_positive('lwf.temperature', temperature)
-  validate_int('lwf.num_outputs', num_outputs, minimum=0)
+  checks.non_negative('lwf.strength', strength)
+  checks.positive('lwf.temperature', temperature)
+  checks.integer('lwf.num_outputs', num_outputs, minimum=0)
 
   def init(params):
     k = num_outputs or infer_num_outputs(params, name='lwf.num_outputs')
     return LwFState(_copy(params), jnp.zeros((k,), bool), jnp.full((k,), -1, jnp.int32),
                     jnp.zeros((), jnp.int32))
 
-  def output_loss(logits, state, batch, apply_fn):
-    old_logits = batch.teacher_logits
+  def loss(params, state, batch, *, logits, apply_fn, key):
+    del params, key
+    old_logits = batch.aux.get(TEACHER_LOGITS)
     if old_logits is None:
       old_logits = apply_fn(state.old_params, batch.x, train=False)
     kd = lwf_distillation(logits, old_logits, state.old_outputs, state.groups,
                           temperature=temperature)
     return jnp.where(state.num_tasks > 0, strength * kd, 0.0)
 
-  def end_task(params, state, task_data, apply_fn):
-    del apply_fn
+  def end_task(params, state, task_data, *, apply_fn, key):
+    del apply_fn, key
     k = state.old_outputs.shape[0]
-    mask = np.asarray(task_data.mask)
-    labels = np.asarray(task_data.y)
+    labels = np.asarray(task_data.y).reshape(-1)
+    mask = (np.ones((1, k), bool) if task_data.mask is None else np.asarray(task_data.mask))
     if mask.shape[-1] != k:
       raise ValueError(f'lwf.num_outputs: the state has {k} outputs but the task data has '
                        f'{mask.shape[-1]}')
@@ -739,9 +685,9 @@ def lwf(*, strength: float = 1.0, temperature: float = 2.0, num_outputs: int = 0
     old = np.asarray(state.old_outputs) | (np.bincount(labels, minlength=k)[:k] > 0)
     return LwFState(_copy(params), jnp.asarray(old), jnp.asarray(groups), state.num_tasks + 1)
 
-  def prepare_data(params, state, data, apply_fn):
-    del params  # The teacher is the model after the previous task, kept in the state.
-    return data._replace(teacher_logits=record_logits(apply_fn, state.old_params, data.x))
+  def prepare_task(params, state, data, *, seen, apply_fn, key):
+    del params, seen, key  # The teacher is the model after the previous task, in the state.
+    return data.with_aux(**{TEACHER_LOGITS: record_logits(apply_fn, state.old_params, data.x)})
 
-  return base.Method(init=init, loss=base.no_loss, gradient_transform=base.identity_transform,
-                     end_task=end_task, prepare_data=prepare_data, output_loss=output_loss)
+  return base.Method(init=init, loss=loss, gradient_transform=base.identity_transform,
+                     end_task=end_task, prepare_task=prepare_task)

@@ -17,27 +17,35 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cljax import checks
+from cljax import core
 from cljax.methods import base
 from cljax.methods import regularizers
 
 
-def _all_seen(seen: Sequence[base.Batch]) -> base.Batch:
-  return base.concatenate(seen)
+def _all_seen(params, state, data: core.Batch, *, seen: Sequence[core.Batch], apply_fn,
+              key) -> core.Batch:
+  del params, state, data, apply_fn, key
+  return core.concatenate(seen)
 
 
 def joint() -> base.Method:
-  """Multitask upper bound: trains at each task on all training data seen so far."""
+  """Multitask upper bound: trains at each task on all training data seen so far.
+
+  Its ``prepare_task`` replaces the task's data by the union of every task's training data up
+  to this one; in a `chain` put it first, so later members see the union.
+  """
   return base.Method(
       init=lambda params: base.EmptyState(),
       loss=base.no_loss,
       gradient_transform=base.identity_transform,
       end_task=base.keep_state,
-      training_data=_all_seen,
+      prepare_task=_all_seen,
   )
 
 
 class ReplayState(NamedTuple):
-  """The replay buffer and its sampling key.
+  """The replay buffer.
 
   Attributes:
     x: (M, *input_shape) float32, stored inputs; M = buffer_size.
@@ -45,15 +53,15 @@ class ReplayState(NamedTuple):
     mask: (M, K) bool, stored output masks.
     seen: int32 scalar, examples of the stream offered to the reservoir so far; slots
       ``[0, min(seen, M))`` are filled.
-    key: (2,) uint32, PRNG key data; advanced by every training step (replay sampling) and
-      every `end_task` (reservoir draws).
+
+  The keys come from the loop: replay sampling from each step's key, reservoir draws from
+  `end_task`'s.
   """
 
   x: jax.Array
   y: jax.Array
   mask: jax.Array
   seen: jax.Array
-  key: jax.Array
 
 
 def reservoir_draws(key: jax.Array, seen: int, n: int) -> jax.Array:
@@ -98,7 +106,7 @@ def reservoir_slots(seen: int, draws: np.ndarray, buffer_size: int) -> np.ndarra
   return source
 
 
-def replay_batch(state: ReplayState, key: jax.Array, size: int) -> base.Batch:
+def replay_batch(state: ReplayState, key: jax.Array, size: int) -> core.Batch:
   """``size`` examples drawn uniformly with replacement from the filled part of the buffer.
 
   Returns a `Batch` of device arrays; when the buffer is empty it holds slot 0's placeholder
@@ -106,7 +114,7 @@ def replay_batch(state: ReplayState, key: jax.Array, size: int) -> base.Batch:
   """
   filled = jnp.minimum(state.seen, state.y.shape[0])
   idx = jax.random.randint(key, (size,), 0, jnp.maximum(filled, 1))
-  return base.Batch(state.x[idx], state.y[idx], state.mask[idx])
+  return core.Batch(state.x[idx], state.y[idx], state.mask[idx])
 
 
 def replay(
@@ -122,7 +130,7 @@ def replay(
 
   Batch composition: each training step sees the current task's batch of B examples (its
   cross-entropy is the training loop's term) and ``replay_batch_size`` = R examples drawn
-  uniformly, with replacement, from the buffer with a key held in the state; the loss term is
+  uniformly, with replacement, from the buffer with the step's key; the loss term is
   ``strength`` times the mean cross-entropy of the replay examples (each under its own stored
   mask). With strength 1 the step minimizes CE(current) + CE(replay), the usual ER objective
   (the two means weighted equally, whatever B and R). The term is 0 while the buffer is empty
@@ -156,16 +164,16 @@ def replay(
     Chaudhry et al., "On Tiny Episodic Memories in Continual Learning", arXiv 1902.10486 (2019)
     (experience replay with a reservoir buffer).
   """
-  regularizers.validate_int('replay.buffer_size', buffer_size, minimum=0)
+  checks.integer('replay.buffer_size', buffer_size, minimum=0)
   shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else None
   if not shape or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0
                           for d in shape):
     raise ValueError(f'replay.input_shape must be a non-empty sequence of positive ints (the '
                      f'shape of one input, e.g. (28, 28, 1); experiments fill it in from their '
                      f'stream), got {input_shape!r}')
-  regularizers.validate_int('replay.num_outputs', num_outputs, minimum=0)
-  regularizers.validate_int('replay.replay_batch_size', replay_batch_size, minimum=1)
-  regularizers.validate_non_negative('replay.strength', strength)
+  checks.integer('replay.num_outputs', num_outputs, minimum=0)
+  checks.integer('replay.replay_batch_size', replay_batch_size, minimum=1)
+  checks.non_negative('replay.strength', strength)
   shape = tuple(int(d) for d in shape)
 
   def init(params):
@@ -174,32 +182,27 @@ def replay(
         x=jnp.zeros((buffer_size, *shape), jnp.float32),
         y=jnp.zeros((buffer_size,), jnp.int32),
         mask=jnp.ones((buffer_size, k), bool),
-        seen=jnp.zeros((), jnp.int32),
-        key=jax.random.key_data(jax.random.key(seed)))
+        seen=jnp.zeros((), jnp.int32))
 
-  def loss(params, state, batch, apply_fn):
-    del batch
+  def loss(params, state, batch, *, logits, apply_fn, key):
+    del batch, logits
     if buffer_size == 0:
       return jnp.zeros((), jnp.float32)
-    _, sample_key = jax.random.split(jax.random.wrap_key_data(state.key))
-    memory = replay_batch(state, sample_key, replay_batch_size)
-    ce = base.cross_entropy(apply_fn(params, memory.x, train=True), memory.y, memory.mask)
+    memory = replay_batch(state, jax.random.fold_in(key, seed), replay_batch_size)
+    ce = core.cross_entropy(apply_fn(params, memory.x, train=True), memory.y, memory.mask)
     return jnp.where(state.seen > 0, strength * ce, 0.0)
 
-  def after_step(state, params, updates, task_grads):
-    del params, updates, task_grads
-    next_key, _ = jax.random.split(jax.random.wrap_key_data(state.key))
-    return state._replace(key=jax.random.key_data(next_key))
-
-  def end_task(params, state, task_data, apply_fn):
+  def end_task(params, state, task_data, *, apply_fn, key):
     del params, apply_fn
-    x, y, mask = (np.asarray(a) for a in (task_data.x, task_data.y, task_data.mask))
+    x, y = np.asarray(task_data.x), np.asarray(task_data.y)
+    mask = (np.ones((len(y), state.mask.shape[1]), bool) if task_data.mask is None
+            else np.asarray(task_data.mask))
     if x.shape[1:] != shape:
       raise ValueError(f'replay.input_shape is {shape} but the task\'s inputs are {x.shape[1:]}')
     if mask.shape[1:] != state.mask.shape[1:]:
       raise ValueError(f'replay.num_outputs: the buffer stores {state.mask.shape[1]} outputs but '
                        f'the task\'s masks have {mask.shape[1]}')
-    key, draw_key = jax.random.split(jax.random.wrap_key_data(state.key))
+    draw_key = jax.random.fold_in(key, seed)
     seen = int(state.seen)
     if seen + len(y) > np.iinfo(np.int32).max:
       raise OverflowError('replay: more than 2**31 - 1 examples offered to the reservoir')
@@ -213,7 +216,7 @@ def replay(
       return jnp.where(w, jnp.asarray(new[take], stored.dtype), stored)
 
     return ReplayState(put(state.x, x), put(state.y, y), put(state.mask, mask),
-                       jnp.asarray(seen + len(y), jnp.int32), jax.random.key_data(key))
+                       jnp.asarray(seen + len(y), jnp.int32))
 
   return base.Method(init=init, loss=loss, gradient_transform=base.identity_transform,
-                     end_task=end_task, after_step=after_step)
+                     end_task=end_task)

@@ -49,7 +49,7 @@ def random_tree(rng, scale=1.0, base=None):
 
 
 def flat(tree):
-  """'/'-joined path -> array, as cljax.paths.path_str names leaves (written out, not imported)."""
+  """'/'-joined path -> array, as cljax.tree.path_str names leaves (written out, not imported)."""
   out = {}
   for key_path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
     out['/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in key_path)] = np.asarray(x)

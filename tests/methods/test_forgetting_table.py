@@ -24,7 +24,7 @@ from __future__ import annotations
 import ml_collections
 import pytest
 
-from cljax import experiment
+from cljax.runners import continual as experiment
 from experiments.configs import default
 
 METHODS = ('finetune', 'l2', 'ewc', 'online_ewc', 'si', 'mas', 'lwf', 'replay', 'refresh')

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cljax import checkpoint
-from cljax import experiment
+from cljax.runners import continual as experiment
 from cljax import methods
 from cljax import training
 from cljax.methods import base

@@ -20,6 +20,8 @@ import numpy as np
 import tqdm
 
 from cljax import checkpoint
+from cljax import continual
+from cljax import core
 from cljax import methods as methods_lib
 from cljax import metrics
 from cljax import models
@@ -80,81 +82,81 @@ def _rules(config: ml_collections.ConfigDict) -> list[sharding.Rule]:
   return [(regex, tuple(spec)) for regex, spec in config.sharding_rules]
 
 
-class _Loop:
-  """The per-task loop of one method: fresh start or resume from the last stage checkpoint."""
+def _method(config: ml_collections.ConfigDict, name: str, stream: streams.Stream):
+  """The method ``name`` (members joined by '+') built from each member's config block."""
+  blocks = {m: config.get(m) for m in methods_lib.members(name)}
+  return methods_lib.get(name, blocks=blocks, input_shape=stream.input_shape)
+
+
+class _Run:
+  """One method on the stream, in ``workdir``: fresh start or resume from the last stage."""
 
   def __init__(self, config, stream, method_name, workdir, mesh):
     self.config, self.stream, self.name, self.workdir, self.mesh = (
         config, stream, method_name, workdir, mesh)
-    self.method = methods_lib.get(method_name, config.get(method_name),
-                                  input_shape=stream.input_shape)
+    self.method = _method(config, method_name, stream)
     module = models.make_model(config.model, num_outputs=stream.num_outputs,
                                **dict(config.model_kwargs))
     self.apply_fn = models.linen_apply_fn(module)
     self.optimizer = training.make_optimizer(config.optimizer, learning_rate=config.learning_rate,
                                              momentum=config.momentum)
     self.params0 = models.init_params(module, jax.random.key(config.seed), stream.input_shape)
-    self.eval_fn = training.make_eval_fn(self.apply_fn, mesh)
-
-  def _initial_state(self) -> dict:
-    method_state = self.method.init(self.params0)
-    opt_state = training.make_opt_init_fn(self.method, self.optimizer, self.mesh)(self.params0,
-                                                                                   method_state)
-    return dict(params=self.params0, opt_state=opt_state, method_state=method_state,
-                rng=jax.random.key_data(jax.random.key(self.config.seed + 1)))
-
-  def _evaluate(self, params) -> np.ndarray:
-    return training.evaluate_tasks(self.eval_fn, params, [t.test for t in self.stream.tasks],
-                                   batch_size=self.config.eval_batch_size, mesh=self.mesh)
-
-  def _train_data(self, t: int):
-    if self.method.training_data is None:
-      return self.stream.tasks[t].train
-    return self.method.training_data([task.train for task in self.stream.tasks[: t + 1]])
 
   def run(self) -> dict:
-    num_tasks = len(self.stream.tasks)
-    state = self._initial_state()
+    config, num_tasks = self.config, len(self.stream.tasks)
+    state = continual.initial_state(self.params0, self.method, self.optimizer, seed=config.seed,
+                                    mesh=self.mesh)
     with checkpoint.StageCheckpointer(os.path.join(self.workdir, 'checkpoints')) as ckpt:
       start = ckpt.latest_step() or 0
       if start:
-        stage = ckpt.restore(start, state)
-        state, meta = stage.state, stage.meta
+        stage = ckpt.restore(start, state._asdict())
+        state, meta = continual.StreamState(**stage.state), stage.meta
         logging.info('%s: resuming after task %d of %d', self.name, start, num_tasks)
       else:
-        meta = dict(accuracy_rows=[], random_init_accuracy=self._evaluate(self.params0).tolist(),
-                    wall_time_s=0.0, config=_config_dict(self.config))
-      total = sum(self.config.epochs * (self._train_data(t).size // self.config.batch_size)
-                  for t in range(start, num_tasks))
-      with tqdm.tqdm(total=total, desc=self.name, unit='step', leave=False) as bar:
-        for t in range(start, num_tasks):
-          started = time.time()
-          bar.set_postfix_str(f'task {t + 1}/{num_tasks}')
-          state = self._task(t, state, bar)
-          meta['accuracy_rows'].append(self._evaluate(state['params']).tolist())
-          meta['wall_time_s'] += time.time() - started
-          ckpt.save(t + 1, state, meta)
-    return self._results(meta)
+        init_eval = continual.evaluate_stream(self.apply_fn, self.params0, self.stream,
+                                              batch_size=config.eval_batch_size, mesh=self.mesh)
+        meta = dict(accuracy_rows=[], nll_rows=[], loss_curve=[],
+                    random_init_accuracy=init_eval.accuracy.tolist(),
+                    random_init_nll=init_eval.nll.tolist(), wall_time_s=0.0,
+                    config=_config_dict(config))
+      rows = [core.Evaluation(np.asarray(a), np.asarray(n))
+              for a, n in zip(meta['accuracy_rows'], meta['nll_rows'])]
+      with tqdm.tqdm(total=0, desc=self.name, unit='step', leave=False) as bar:
+        started = [time.time()]
 
-  def _task(self, t: int, state: dict, bar) -> dict:
-    rng, task_rng = jax.random.split(jax.random.wrap_key_data(state['rng']))
-    seed = int(jax.random.randint(task_rng, (), 0, np.iinfo(np.int32).max))
-    result = training.fit_task(
-        self.apply_fn, self.method, self.optimizer, state['params'], state['method_state'],
-        self._train_data(t), epochs=self.config.epochs, batch_size=self.config.batch_size,
-        seed=seed, mesh=self.mesh, param_rules=_rules(self.config), task_index=t,
-        progress=bar.update)
-    method_state = self.method.end_task(result.params, result.method_state,
-                                        self.stream.tasks[t].train, self.apply_fn)
-    return dict(params=result.params, opt_state=result.opt_state, method_state=method_state,
-                rng=jax.random.key_data(rng))
+        def on_task_start(t, steps):
+          bar.total += steps
+          bar.set_postfix_str(f'task {t + 1}/{num_tasks}')
+          bar.refresh()
+
+        def on_epoch(t, epoch, losses):
+          del t, epoch
+          meta['loss_curve'].append(float(np.mean(losses)))
+          bar.update(len(losses))
+
+        def on_task_end(done, new_state, row):
+          meta['accuracy_rows'].append(row.accuracy.tolist())
+          meta['nll_rows'].append(row.nll.tolist())
+          meta['wall_time_s'] += time.time() - started[0]
+          ckpt.save(done, new_state._asdict(), meta)
+          started[0] = time.time()
+
+        continual.run_stream(
+            self.apply_fn, self.params0, self.method, self.optimizer, self.stream,
+            epochs=config.epochs, batch_size=config.batch_size,
+            eval_batch_size=config.eval_batch_size, mesh=self.mesh, param_rules=_rules(config),
+            start=start, state=state, rows=rows, on_task_start=on_task_start,
+            on_epoch=on_epoch, on_task_end=on_task_end)
+    return self._results(meta)
 
   def _results(self, meta: dict) -> dict:
     r = np.asarray(meta['accuracy_rows'])
     b = np.asarray(meta['random_init_accuracy'])
     summary = metrics.summarize(r, b)
     results = dict(method=self.name, accuracy_matrix=r.tolist(), random_init_accuracy=b.tolist(),
-                   config=meta['config'], wall_time_s=meta['wall_time_s'], **summary._asdict())
+                   nll_matrix=meta['nll_rows'], random_init_nll=meta['random_init_nll'],
+                   loss_curve=meta['loss_curve'], config=meta['config'],
+                   wall_time_s=meta['wall_time_s'], **summary._asdict())
     if jax.process_index() != 0:  # Only process 0 writes reports.
       return results
     report.write_json(os.path.join(self.workdir, 'results.json'), results)
@@ -185,7 +187,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
   if not config.methods:
     raise ValueError('config.methods is empty: name at least one method')
   for name in config.methods:  # A misspelt method or key fails before any data loading.
-    methods_lib.check_names(name, config.get(name))
+    for member in methods_lib.members(name):
+      methods_lib.check_names(member, config.get(member))
   training.make_optimizer(config.optimizer, learning_rate=config.learning_rate,
                           momentum=config.momentum)
   mesh = sharding.make_mesh(config.num_devices or None, model=config.model_axis)
@@ -193,7 +196,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
   sharding.check_batch_size(config.eval_batch_size, mesh)
   stream = build_stream(config)
   for name in config.methods:  # Values (and the stream's input shape): before any writing.
-    methods_lib.get(name, config.get(name), input_shape=stream.input_shape)
+    _method(config, name, stream)
   module = models.make_model(config.model, num_outputs=stream.num_outputs,
                              **dict(config.model_kwargs))
   abstract_params = jax.eval_shape(
@@ -204,7 +207,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
   for name in config.methods:
     method_dir = os.path.join(workdir, name)
     os.makedirs(method_dir, exist_ok=True)
-    results[name] = _Loop(config, stream, name, method_dir, mesh).run()
+    results[name] = _Run(config, stream, name, method_dir, mesh).run()
     logging.info('%s: ACC %.2f%%  BWT %.2f  forgetting %.2f', name, 100 * results[name]['acc'],
                  100 * results[name]['bwt'], 100 * results[name]['forgetting'])
   if jax.process_index() == 0:
