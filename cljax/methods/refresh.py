@@ -55,15 +55,13 @@ _EPS = 1e-12
 
 class RefreshState(NamedTuple):
   """Attributes:
-    inner: the wrapped method's state.
     fisher: pytree like params, the (decayed) diagonal Fisher of the tasks so far.
-    key: (2,) uint32 PRNG key data for the unlearning noise; advanced every step.
     num_tasks: int32 scalar, tasks finished.
+
+  The unlearning noise is drawn from the loop's per-step key (folded with ``seed``).
   """
 
-  inner: Any
   fisher: Params
-  key: jax.Array
   num_tasks: jax.Array
 
 
