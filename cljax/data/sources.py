@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import gzip
 import os
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
 
@@ -329,12 +329,24 @@ def tfds_dataset(name: str,
   return Dataset('tfds:' + name, num_classes=int(num_classes), **arrays)
 
 
-_CHOICES = ('digits', 'fashion_mnist', 'tfds:<name>')
+def _fashion_mnist(data_dir, download):
+  del download  # Installed from Debian (dataset-fashion-mnist), never downloaded.
+  return fashion_mnist(data_dir=FASHION_MNIST_DIR if data_dir is None else data_dir)
+
+
+# Datasets by name: ``load(data_dir, download) -> Dataset``; ``'tfds:<name>'`` reads any TFDS
+# dataset. A new source is one function plus one line here.
+REGISTRY: dict[str, Callable[..., Dataset]] = {
+    'digits': lambda data_dir, download: digits(),
+    'fashion_mnist': _fashion_mnist,
+}
+_TFDS = 'tfds:'
 
 
 def load(name: str, *, data_dir: Optional[str | os.PathLike[str]] = None,
          download: bool = False) -> Dataset:
-  """A dataset by name: ``'digits'``, ``'fashion_mnist'`` or ``'tfds:<tfds name>'``.
+  """A dataset by name: a key of `REGISTRY` (``'digits'``, ``'fashion_mnist'``) or
+  ``'tfds:<tfds name>'``.
 
   Args:
     name: which dataset.
@@ -347,15 +359,14 @@ def load(name: str, *, data_dir: Optional[str | os.PathLike[str]] = None,
     The `Dataset`.
 
   Raises:
-    ValueError: for an unknown name, listing the choices.
+    ValueError: for an unknown name, listing the choices (config key `dataset`).
   """
-  if name == 'digits':
-    return digits()
-  if name == 'fashion_mnist':
-    return fashion_mnist(data_dir=FASHION_MNIST_DIR if data_dir is None else data_dir)
-  if name.startswith('tfds:') and len(name) > len('tfds:'):
-    return tfds_dataset(name[len('tfds:'):], data_dir=data_dir, download=download)
-  raise ValueError(f'Unknown dataset {name!r}; choose one of {", ".join(_CHOICES)}')
+  if name in REGISTRY:
+    return REGISTRY[name](data_dir, download)
+  if name.startswith(_TFDS) and len(name) > len(_TFDS):
+    return tfds_dataset(name[len(_TFDS):], data_dir=data_dir, download=download)
+  raise ValueError(f'Unknown dataset {name!r} (config key `dataset`); choose one of '
+                   f'{", ".join([*REGISTRY, _TFDS + "<name>"])}')
 
 
 def _stratified_indices(labels: np.ndarray, limit: Optional[int], rng: np.random.Generator,
