@@ -3,7 +3,7 @@
 Generates, in a scratch folder, a LLaMA-shaped float32 base model of >= ``--params`` parameters
 (vocab 32000, hidden 2048, MLP 5632, as many layers as needed) saved as a Hugging Face folder of
 exactly ``--shards`` safetensors shards, and ``--models`` finetuned copies (base + 1e-3 noise).
-Then each method in ``--methods`` merges them with `cljax.merging.checkpoint_merge` in a fresh
+Then each method in ``--methods`` merges them with `cljax.merge_io.checkpoint_merge` in a fresh
 subprocess, which reports its peak resident set size (``ru_maxrss``) and wall time. It prints
 
   * peak RSS (VmHWM), and (peak RSS - fixed overhead) / largest tensor, against the bound
@@ -35,16 +35,16 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from cljax.merging import checkpoint_merge
-from cljax.merging import mergekit_config
-from cljax.merging import recipes
-from cljax.merging import safetensors_writer
+from cljax.merge_io import checkpoint_merge
+from cljax.merge_io import mergekit_config
+from cljax.merge_io import recipes
+from cljax.merge_io import safetensors_writer
 
 _PARAMS = flags.DEFINE_float('params', 500e6, 'Minimum parameters of the generated model.')
 _SHARDS = flags.DEFINE_integer('shards', 8, 'Shards of each generated model.')
 _MODELS = flags.DEFINE_integer('models', 3, 'Finetuned models merged into the base.')
 _METHODS = flags.DEFINE_list('methods', ['task_arithmetic', 'ties', 'dare_ties'],
-                             'merge_method values to run (see cljax.merging.mergekit_config).')
+                             'merge_method values to run (see cljax.merge_io.mergekit_config).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Scratch folder (default: a new one in $TMPDIR).')
 _KEEP = flags.DEFINE_bool('keep', False, 'Keep the scratch folder.')
 _BLOCK = flags.DEFINE_integer('block_entries', checkpoint_merge.DEFAULT_BLOCK_ENTRIES,

@@ -49,7 +49,6 @@ References:
 from __future__ import annotations
 
 import csv
-import inspect
 import io
 import os
 import time
@@ -79,25 +78,13 @@ from cljax.methods import regularizers
 
 Params = Any
 
-# Static merges and the config keys each takes (under the method's name in the config).
-STATIC_HPARAMS = {
-    'average': (),
-    'task_arithmetic': ('scaling',),
-    'ties': ('density', 'scaling', 'trim'),
-    'dare_task_arithmetic': ('drop_rate', 'scaling'),
-    'dare_ties': ('drop_rate', 'scaling', 'density', 'trim'),
-    'fisher': ('num_samples', 'estimator', 'batch_size', 'epsilon'),
-    'magmax': ('scaling',),
-    'frank_wolfe': ('num_steps', 'criterion', 'step_scale'),
-}
-# Continual merges by name: constructor(exclude=..., **config[name]) -> ContinualMerge.
-CONTINUAL_MERGES = {
-    'continual_average': merging.continual_average,
-    'continual_task_arithmetic': merging.continual_task_arithmetic,
-    'continual_ties': merging.continual_ties,
-    'opcm': merging.opcm,
-}
-_FISHER_KEYS = ('num_samples', 'estimator', 'batch_size')
+# Merges are looked up in `merging.REGISTRY` (one registry; hyperparameters from signatures).
+# The continual constructors by name, read from it (not a second table): a module-level mapping
+# so that a test can wrap a constructor.
+CONTINUAL_MERGES = {name: merging.get(name).fn for name in merging.registry.names('continual')}
+# Config keys of a merge's block that configure how the experiment computes one of the merge's
+# inputs (not hyperparameters of the merge itself), by input.
+INPUT_HPARAMS = {'fishers': ('num_samples', 'estimator', 'batch_size')}
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,17 +295,19 @@ class Evaluator:
 # --------------------------------------------------------------------------------------------
 
 
-def check_hparams(name: str, hparams: Mapping[str, Any], allowed: Sequence[str]) -> dict:
-  """Returns ``dict(hparams)`` after checking that every key is one the method takes.
+def check_hparams(name: str, hparams: Mapping[str, Any], *, kind: str) -> dict:
+  """Returns the merge's own hyperparameters from a config block ``hparams``, after checking
+  the name (in `merging.REGISTRY`, of ``kind``) and every key: a hyperparameter of the merge or
+  a key of `INPUT_HPARAMS` for one of its inputs (those are left out of the result).
 
   Raises:
-    ValueError: naming the unknown config keys ``<name>.<key>``.
+    ValueError: an unknown merge, or naming the unknown config keys ``<name>.<key>``.
   """
-  unknown = sorted(set(hparams) - set(allowed))
-  if unknown:
-    raise ValueError(f'unknown hyperparameter(s) {", ".join(f"{name}.{k}" for k in unknown)}; '
-                     f'{name} takes {sorted(allowed) or "none"}')
-  return dict(hparams)
+  entry = merging.get(name, kind=kind)
+  own_inputs = {k for i in entry.inputs for k in INPUT_HPARAMS.get(i, ())}
+  own = {k: v for k, v in hparams.items() if k not in own_inputs}
+  merging.check_names(name, own, kind=kind)
+  return own
 
 
 def proxy_loss_fn(apply_fn: Callable, heads: Sequence[Params], batches: Sequence[core.Batch],
@@ -341,20 +330,19 @@ def static_merge(name: str, base_params: Params, experts: Sequence[Params], *,
                  hparams: Mapping[str, Any], exclude: Any, key: jax.Array,
                  fishers: Optional[Sequence[Params]] = None,
                  proxy_loss: Optional[Callable[[Params], jax.Array]] = None) -> Params:
-  """Merges ``experts`` into ``base_params`` with the static method ``name``.
+  """Merges ``experts`` into ``base_params`` with the static merge ``name`` of the registry.
 
   Args:
-    name: a key of `STATIC_HPARAMS`; ``dare_task_arithmetic`` / ``dare_ties`` are
-      `merging.dare` with ``merge='task_arithmetic'`` / ``'ties'``.
+    name: a static key of `merging.REGISTRY`.
     base_params: the base model.
     experts: the fine-tuned models.
-    hparams: the method's hyperparameters (keys of `STATIC_HPARAMS[name]`; for fisher, the keys
-      ``num_samples``, ``estimator``, ``batch_size`` belong to the Fisher's estimation and are
-      ignored here).
+    hparams: the config block ``<name>``: the merge's hyperparameters, plus, for a merge taking
+      an input of `INPUT_HPARAMS` (fisher's ``fishers``), the keys configuring that input
+      (used where the input is computed, ignored here).
     exclude: regex(es) of leaves not merged.
-    key: PRNG key of DARE's drop masks.
-    fishers: per expert its diagonal Fisher (fisher only).
-    proxy_loss: Frank-Wolfe's objective (frank_wolfe only).
+    key: PRNG key, the ``key`` input (DARE's drop masks, TIES's sampled threshold).
+    fishers: per expert its diagonal Fisher, the ``fishers`` input.
+    proxy_loss: Frank-Wolfe's objective, the ``loss_fn`` input.
 
   Returns:
     The merged params (excluded leaves hold the base's values).
@@ -362,40 +350,20 @@ def static_merge(name: str, base_params: Params, experts: Sequence[Params], *,
   Raises:
     ValueError: an unknown method or hyperparameter, or what the merge itself raises.
   """
-  if name not in STATIC_HPARAMS:
-    raise ValueError(f'unknown static merge {name!r} (config key `static_methods`); choose from '
-                     f'{sorted(STATIC_HPARAMS)}')
-  hp = check_hparams(name, hparams, STATIC_HPARAMS[name])
-  if name == 'average':
-    return merging.average(base_params, experts, exclude=exclude)
-  if name == 'task_arithmetic':
-    return merging.task_arithmetic(base_params, experts, exclude=exclude, **hp)
-  if name == 'ties':
-    return merging.ties(base_params, experts, exclude=exclude, **hp)
-  if name in ('dare_task_arithmetic', 'dare_ties'):
-    merge = 'ties' if name == 'dare_ties' else 'task_arithmetic'
-    return merging.dare(base_params, experts, key=key, merge=merge, exclude=exclude, **hp)
-  if name == 'fisher':
-    rest = {k: v for k, v in hp.items() if k not in _FISHER_KEYS}
-    return merging.fisher(base_params, experts, fishers=fishers, exclude=exclude, **rest)
-  if name == 'magmax':
-    return merging.magmax(base_params, experts, exclude=exclude, **hp)
-  return merging.frank_wolfe(base_params, experts, loss_fn=proxy_loss, exclude=exclude, **hp)
+  hp = check_hparams(name, hparams, kind='static')
+  return merging.merge(name, base_params, experts, hparams=hp, exclude=exclude,
+                       inputs=dict(key=key, fishers=fishers, loss_fn=proxy_loss))
 
 
 def continual_merge(name: str, hparams: Mapping[str, Any], exclude: Any) -> merging.ContinualMerge:
-  """The continual merge ``name`` (a key of `CONTINUAL_MERGES`) with its hyperparameters.
+  """The continual merge ``name`` (of `merging.REGISTRY`) with its hyperparameters.
 
   Raises:
     ValueError: an unknown method, an unknown hyperparameter (named ``<name>.<key>``), or a bad
       value (from the constructor).
   """
-  if name not in CONTINUAL_MERGES:
-    raise ValueError(f'unknown continual merge {name!r} (config key `continual_methods`); choose '
-                     f'from {sorted(CONTINUAL_MERGES)}')
-  ctor = CONTINUAL_MERGES[name]
-  allowed = [k for k in inspect.signature(ctor).parameters if k != 'exclude']
-  return ctor(exclude=exclude, **check_hparams(name, hparams, allowed))
+  hp = check_hparams(name, hparams, kind='continual')
+  return CONTINUAL_MERGES[name](exclude=exclude, **hp)
 
 
 def _stored(state: Any) -> dict:

@@ -1,9 +1,8 @@
 """SVD subspaces: energy-threshold bases, GPM basis growth, projections and sketches.
 
 The shared linear algebra of the projection methods (GPM, OSFT, CoSO in `cljax.methods.projection`)
-and of continual merging (OPCM in `cljax.merging.continual`). Everything here is a pure function of
-arrays; the ``*_padded`` functions, the projections, `truncated_svd`, the Frequent-Directions pair
-and `project_gradients` are jittable.
+and of continual merging (OPCM in `cljax.merging.continual`: `truncated_svd`). Everything
+here is a pure function of arrays and jittable.
 
 Conventions:
 
@@ -15,18 +14,12 @@ Conventions:
   * **Bases.** A basis is a (d, w) array whose columns are orthonormal or exactly zero, the nonzero
     columns first. ``None`` is the empty basis. The protected subspace is the span of the columns,
     and the projector onto it is ``B Bᵀ`` (zero columns add nothing).
-  * **Compact or padded.** The number k of directions a threshold selects depends on the data, so:
-      - eager functions (`energy_basis`, `grow_basis`, `energy_truncated_svd`) return compact
-        (d, k) arrays. They read k back to the host, so they cannot run under `jax.jit`. Use them
-        at task boundaries when you want the smallest storage and the cheapest projection
-        (projecting costs O(d k) per output column); the jitted train step then recompiles once
-        per task, when k changes.
-      - padded functions (`energy_basis_padded`, `grow_basis_padded`) return a fixed (d, w) array
-        (w = d by default) whose columns beyond k are zero; `basis_rank` recovers k. Use them
-        inside jit, or when the method state must keep one shape across tasks (one compilation,
-        checkpoints with a fixed structure). A smaller static ``width`` (e.g. k rounded up to a
-        multiple of 64) caps both memory and projection cost, at one compilation per bucket.
-    Every function that takes a basis accepts either form; `trim_basis` and `pad_basis` convert.
+  * **Padded bases.** The number k of directions a threshold selects depends on the data, so
+    the bases built here (`grow_basis_padded`) are fixed (d, w) arrays (w = d by default) whose
+    columns beyond k are zero; `basis_rank` recovers k. They jit, keep the method state one
+    shape across tasks (one compilation, checkpoints with a fixed structure), and a smaller
+    static ``width`` caps memory and projection cost. Functions that take a basis accept a
+    compact (d, k) one too.
 
 References:
   Saha, Garg & Roy, "Gradient Projection Memory for Continual Learning", ICLR 2021 (GPM).
@@ -190,38 +183,6 @@ def mask_columns(x: Array, k: Any) -> Array:
   return jnp.where(keep, x, jnp.zeros((), x.dtype))
 
 
-def pad_basis(basis: Optional[Array], dim: Optional[int] = None, *,
-              width: Optional[int] = None, dtype: Any = jnp.float32) -> Array:
-  """Pads a basis with zero columns to a fixed width.
-
-  Args:
-    basis: (d, k) basis, or None for the empty basis (then ``dim`` is required).
-    dim: d, needed only when ``basis`` is None.
-    width: static number of columns of the result; default d.
-    dtype: dtype of the result when ``basis`` is None.
-
-  Returns:
-    (d, width) basis with the same span.
-
-  Raises:
-    ValueError: k > width, or ``basis`` and ``dim`` are both None.
-  """
-  if basis is None:
-    if dim is None:
-      raise ValueError('pad_basis needs dim when basis is None')
-    return jnp.zeros((dim, dim if width is None else width), dtype)
-  d, k = basis.shape
-  width = d if width is None else width
-  if k > width:
-    raise ValueError(f'basis has {k} columns, more than width {width}')
-  return jnp.pad(basis, ((0, 0), (0, width - k)))
-
-
-def trim_basis(basis: Array) -> Array:
-  """Drops the zero columns of a padded basis: (d, w) -> (d, k). Eager (reads k to the host)."""
-  return basis[:, :int(basis_rank(basis))]
-
-
 # --------------------------------------------------------------------------------------------
 # Energy thresholds (GPM, Saha et al. 2021, Eq. 5 and Eq. 9)
 # --------------------------------------------------------------------------------------------
@@ -238,97 +199,10 @@ def _count_short(captured: Array, sq_values: Array, target: Array) -> Array:
   return jnp.sum(prefix < target, dtype=jnp.int32)
 
 
-def energy_rank(singular_values: Array, threshold: Any) -> Array:
-  """Smallest k whose leading squared singular values reach ``threshold`` of the total energy.
-
-  ``k = min{k : sum_{i<k} s_i² >= threshold * sum_i s_i²}`` (GPM Eq. 5), capped at the numerical
-  rank (singular values above ``len(s) * eps * s_max``) so that threshold 1 never selects noise
-  directions. 0 for an all-zero input. Jittable.
-
-  Args:
-    singular_values: (m,) nonnegative, in descending order (as `jnp.linalg.svd` returns them).
-    threshold: scalar in (0, 1] (checked when concrete).
-
-  Returns:
-    int32 scalar in [0, m].
-
-  Raises:
-    ValueError: threshold outside (0, 1].
-
-  References:
-    Saha et al., ICLR 2021, Eq. 5.
-  """
-  check_threshold(threshold)
-  s = singular_values.astype(_float_dtype(singular_values.dtype))
-  sq = jnp.square(s)
-  total = jnp.cumsum(sq)[-1]   # the same rounding as the prefix sums: threshold 1 is reachable.
-  k = _count_short(jnp.zeros((), s.dtype), sq, threshold * total)
-  tol = s.shape[0] * jnp.finfo(s.dtype).eps * s[0]
-  return jnp.minimum(k, jnp.sum(s > tol, dtype=jnp.int32))
-
-
-@functools.partial(jax.jit, static_argnames=('width',))
-def _energy_basis_padded(matrix: Array, threshold: Array, width: int) -> Array:
-  r = matrix.astype(_float_dtype(matrix.dtype))
-  u, s, _ = jnp.linalg.svd(r, full_matrices=False)   # u: (d, m), m = min(d, n)
-  k = energy_rank(s, threshold)
-  u = mask_columns(u, k)
-  m = u.shape[1]
-  if m >= width:
-    return u[:, :width]
-  return jnp.pad(u, ((0, 0), (0, width - m)))
-
-
 def _check_matrix(matrix: Any, *, where: str) -> None:
   if getattr(matrix, 'ndim', None) != 2 or 0 in matrix.shape:
     raise ValueError(f'representation for {where} must be a nonempty 2-D (d, n) matrix; got '
                      f'{getattr(matrix, "shape", type(matrix))}')
-
-
-def energy_basis_padded(matrix: Array, threshold: Any, *, width: Optional[int] = None) -> Array:
-  """Fixed-shape, jittable `energy_basis`: the same k leading left singular vectors, zero-padded.
-
-  Args:
-    matrix: (d, n) float representation matrix (columns are examples).
-    threshold: scalar in (0, 1]; may be traced.
-    width: static number of columns of the result, default d; k is capped at ``width``.
-
-  Returns:
-    (d, width) float32 (or wider float) basis; columns k..width-1 are zero; ``basis_rank`` is k.
-
-  Raises:
-    ValueError: ``matrix`` is not 2-D, or threshold outside (0, 1] (when concrete).
-
-  References:
-    Saha et al., ICLR 2021, Eq. 5.
-  """
-  _check_matrix(matrix, where='the array')
-  check_threshold(threshold)
-  width = matrix.shape[0] if width is None else int(width)
-  return _energy_basis_padded(matrix, jnp.asarray(threshold, jnp.float32), width)
-
-
-def energy_basis(matrix: Array, threshold: Any) -> Array:
-  """Orthonormal basis of the fewest leading left singular vectors reaching ``threshold`` energy.
-
-  For ``matrix = U diag(s) Vᵀ``, returns ``U[:, :k]`` with k the smallest number such that
-  ``sum_{i<k} s_i² >= threshold * ||matrix||_F²`` (see `energy_rank`). Eager: k is data-dependent,
-  so the result is compact (d, k); use `energy_basis_padded` under `jax.jit`.
-
-  Args:
-    matrix: (d, n) float representation matrix (columns are examples).
-    threshold: scalar in (0, 1].
-
-  Returns:
-    (d, k) float32 array with orthonormal columns (k = 0 for an all-zero matrix).
-
-  Raises:
-    ValueError: ``matrix`` is not 2-D, or threshold outside (0, 1].
-
-  References:
-    Saha et al., ICLR 2021, Eq. 5 (the first task's GPM basis).
-  """
-  return trim_basis(energy_basis_padded(matrix, threshold))
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,7 +251,17 @@ def _check_grow_args(basis: Any, matrix: Any, threshold: Any, *, where: str) -> 
 
 def grow_basis_padded(basis: Optional[Array], matrix: Array, threshold: Any, *,
                       width: Optional[int] = None) -> Array:
-  """Fixed-shape, jittable `grow_basis`: new directions are written into the zero columns.
+  """GPM's memory update, fixed-shape and jittable: adds the residual directions needed.
+
+  With B the current basis and R the new task's representation (Saha et al. 2021, Sec. 4):
+    1. R̂ = R - B Bᵀ R, the part of R outside span(B) (Eq. 8);
+    2. with R̂ = Û diag(ŝ) V̂ᵀ, the smallest r with
+       ``||B Bᵀ R||_F² + sum_{i<r} ŝ_i² >= threshold * ||R||_F²`` (Eq. 9), capped at the
+       residual's numerical rank; r = 0 when B already captures enough of R;
+    3. Û[:, :r] is written into the zero columns after B's k0 nonzero ones, r capped at
+       ``width - k0``.
+  With ``basis=None`` this is GPM's first basis, the fewest leading left singular vectors of R
+  reaching ``threshold`` of its energy (Eq. 5).
 
   Args:
     basis: (d, w0) basis (orthonormal-or-zero columns, nonzero first) or None.
@@ -394,7 +278,7 @@ def grow_basis_padded(basis: Optional[Array], matrix: Array, threshold: Any, *,
       orthonormal (when concrete), wider than ``width``, or threshold outside (0, 1].
 
   References:
-    Saha et al., ICLR 2021, Eq. 8 (projected representation) and Eq. 9 (criterion).
+    Saha et al., ICLR 2021, Eq. 5, Eq. 8 (projected representation) and Eq. 9 (criterion).
   """
   _check_grow_args(basis, matrix, threshold, where='the array')
   d = matrix.shape[0]
@@ -404,80 +288,6 @@ def grow_basis_padded(basis: Optional[Array], matrix: Array, threshold: Any, *,
   if basis.shape[1] > width:
     raise ValueError(f'basis has {basis.shape[1]} columns, more than width {width}')
   return _grow_basis_padded(basis, matrix, jnp.asarray(threshold, jnp.float32), width)
-
-
-def grow_basis(basis: Optional[Array], matrix: Array, threshold: Any) -> Array:
-  """GPM's memory update: add only the residual directions needed to reach the threshold.
-
-  With B the current basis and R the new task's representation (Saha et al. 2021, Sec. 4):
-    1. R̂ = R - B Bᵀ R, the part of R outside span(B) (Eq. 8);
-    2. with R̂ = Û diag(ŝ) V̂ᵀ, the smallest r with
-       ``||B Bᵀ R||_F² + sum_{i<r} ŝ_i² >= threshold * ||R||_F²`` (Eq. 9);
-       r = 0 when B already captures enough of R;
-    3. B <- [B, Û[:, :r]], with r capped so that B never has more than d columns.
-  With ``basis=None`` this is `energy_basis` (Eq. 5). Eager (compact result); use
-  `grow_basis_padded` under `jax.jit`.
-
-  Args:
-    basis: (d, k0) basis (orthonormal-or-zero columns, nonzero first), or None for the empty one.
-    matrix: (d, n) float representation matrix of the new task.
-    threshold: scalar in (0, 1].
-
-  Returns:
-    (d, k0' + r) orthonormal basis (k0' the nonzero columns of ``basis``), its first k0' columns
-    those of ``basis``.
-
-  Raises:
-    ValueError: ``matrix`` is not 2-D, ``basis`` has another dimension than ``matrix.shape[0]`` or
-      is not orthonormal, or threshold outside (0, 1].
-
-  References:
-    Saha et al., ICLR 2021, Eq. 8-9.
-  """
-  return trim_basis(grow_basis_padded(basis, matrix, threshold))
-
-
-def grow_bases(bases: PyTree, representations: PyTree, *, threshold: Any,
-               padded: bool = False) -> PyTree:
-  """`grow_basis` over a pytree of layers, with per-layer thresholds.
-
-  Args:
-    bases: pytree of (d, k) bases with the structure of ``representations`` (None for a layer
-      without a basis yet), or None when no layer has one (the first task).
-    representations: pytree of (d, n) representation matrices, one per protected layer; a None
-      leaf keeps that layer's basis unchanged.
-    threshold: a scalar for every layer, or a pytree of scalars with the structure of
-      ``representations`` (e.g. GPM's 0.95, 0.99, 0.99 for the PMNIST MLP).
-    padded: if True, use `grow_basis_padded` (fixed (d, d) results, jittable); else compact.
-
-  Returns:
-    Pytree of bases with the structure of ``representations``.
-
-  Raises:
-    ValueError: mismatched structures, or a threshold, basis or representation that is invalid;
-      the message names the layer path.
-
-  References:
-    Saha et al., ICLR 2021, Eq. 5, 8, 9.
-  """
-  is_none = lambda v: v is None
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(representations, is_leaf=is_none)
-  basis_leaves = _flatten_like(treedef, bases, 'bases', len(leaves))
-  if isinstance(threshold, (int, float, np.number)) or (
-      hasattr(threshold, 'ndim') and threshold.ndim == 0):
-    threshold_leaves = [threshold] * len(leaves)
-  else:
-    threshold_leaves = _flatten_like(treedef, threshold, 'threshold', len(leaves))
-  grow = grow_basis_padded if padded else grow_basis
-  out = []
-  for (path, matrix), basis, t in zip(leaves, basis_leaves, threshold_leaves):
-    if matrix is None:
-      out.append(basis)
-      continue
-    where = _where(path)
-    _check_grow_args(basis, matrix, t, where=where)
-    out.append(grow(basis, matrix, t))
-  return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def _flatten_like(treedef: Any, tree: Any, name: str, count: int) -> list:
@@ -545,31 +355,6 @@ def truncated_svd(matrix: Array, rank: int) -> SVD:
   return SVD(u[:, :rank], s[:rank], vt[:rank].T)
 
 
-def energy_truncated_svd(matrix: Array, threshold: Any) -> SVD:
-  """The fewest leading singular triplets reaching ``threshold`` of the energy; eager.
-
-  k is `energy_rank` of the singular values, so ``u`` equals `energy_basis` up to column signs.
-
-  Args:
-    matrix: (d, n) float.
-    threshold: scalar in (0, 1].
-
-  Returns:
-    `SVD` with u (d, k), s (k,), v (n, k).
-
-  Raises:
-    ValueError: ``matrix`` not 2-D or threshold outside (0, 1].
-
-  References:
-    Saha et al., ICLR 2021, Eq. 5 (the energy criterion).
-  """
-  _check_matrix(matrix, where='the array')
-  check_threshold(threshold)
-  u, s, vt = jnp.linalg.svd(matrix.astype(_float_dtype(matrix.dtype)), full_matrices=False)
-  k = int(energy_rank(s, threshold))
-  return SVD(u[:, :k], s[:k], vt[:k].T)
-
-
 # --------------------------------------------------------------------------------------------
 # Projections
 # --------------------------------------------------------------------------------------------
@@ -597,14 +382,13 @@ def _project_off_leaf(x: Array, basis: Optional[Array], output_basis: Optional[A
   return jnp.reshape(y, x.shape).astype(x.dtype)
 
 
-def _map_projection(tree: PyTree, bases: PyTree, output_bases: PyTree, onto: bool) -> PyTree:
+def _map_projection(tree: PyTree, bases: PyTree, output_bases: PyTree) -> PyTree:
   leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
   basis_leaves = _flatten_like(treedef, bases, 'bases', len(leaves))
   output_leaves = _flatten_like(treedef, output_bases, 'output_bases', len(leaves))
   out = []
   for (path, x), b, c in zip(leaves, basis_leaves, output_leaves):
-    off = _project_off_leaf(x, b, c, _where(path))
-    out.append(x - off if onto else off)
+    out.append(_project_off_leaf(x, b, c, _where(path)))
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -634,16 +418,7 @@ def project_off(x: PyTree, bases: PyTree, output_bases: PyTree = None) -> PyTree
   References:
     Saha et al., ICLR 2021, Eq. 10 (gradient projection).
   """
-  return _map_projection(x, bases, output_bases, onto=False)
-
-
-def project_onto(x: PyTree, bases: PyTree, output_bases: PyTree = None) -> PyTree:
-  """The component in the protected subspace, ``X - project_off(X)``; B Bᵀ X for an input basis.
-
-  Same arguments, result and errors as `project_off`; ``project_onto + project_off`` is the
-  identity and both are orthogonal projections (in the Frobenius inner product).
-  """
-  return _map_projection(x, bases, output_bases, onto=True)
+  return _map_projection(x, bases, output_bases)
 
 
 # --------------------------------------------------------------------------------------------
@@ -859,7 +634,7 @@ class FrequentDirectionsState(NamedTuple):
   Attributes:
     sketch: (ell, d) float32 B with ``BᵀB ≈ AᵀA`` for A the stacked rows; its column space
       (``sketch.T`` as a representation matrix) approximates A's row space, e.g.
-      ``energy_basis(state.sketch.T, threshold)`` or ``grow_basis(basis, state.sketch.T, ...)``.
+      ``grow_basis_padded(basis, state.sketch.T, threshold)`` (CoSO).
     shrinkage: () float32, the total shrinkage Σδ; ``0 ⪯ AᵀA - BᵀB ⪯ shrinkage · I`` and
       ``shrinkage <= ||A - A_k||_F² / (ell - k)`` for every k < ell.
   """

@@ -1,4 +1,8 @@
-"""Model merging over parameter pytrees: task vectors, static merges, continual merges."""
+"""Model merging over parameter pytrees: task vectors, static merges, continual merges, and
+the one registry of merge methods (`REGISTRY`, `get`, `check_names`, `merge`, `continual_merge`).
+
+Pure algorithms only: the `cljax-merge` checkpoint tool lives in `cljax.merge_io`.
+"""
 
 from cljax.merging.continual import ContinualMerge
 from cljax.merging.continual import continual_average
@@ -10,9 +14,17 @@ from cljax.merging.continual import opcm_projection
 from cljax.merging.continual import OPCMState
 from cljax.merging.continual import SumState
 from cljax.merging.continual import TiesState
+from cljax.merging.registry import check_names
+from cljax.merging.registry import continual_merge
+from cljax.merging.registry import get
+from cljax.merging.registry import merge
+from cljax.merging.registry import MergeMethod
+from cljax.merging.registry import REGISTRY
 from cljax.merging.static import average
 from cljax.merging.static import dare
+from cljax.merging.static import dare_task_arithmetic
 from cljax.merging.static import dare_task_vectors
+from cljax.merging.static import dare_ties
 from cljax.merging.static import fisher
 from cljax.merging.static import frank_wolfe
 from cljax.merging.static import frank_wolfe_with_info
@@ -32,10 +44,11 @@ from cljax.merging.validation import check_finite
 from cljax.merging.validation import check_same_structure
 
 __all__ = [
-    'ContinualMerge', 'OPCMState', 'SumState', 'TiesState', 'FrankWolfeInfo',
-    'apply', 'average', 'check_finite', 'check_same_structure', 'continual_average',
-    'continual_task_arithmetic', 'continual_ties', 'dare', 'dare_task_vectors', 'fisher',
-    'frank_wolfe', 'frank_wolfe_with_info', 'kth_largest_magnitude', 'leaf_names', 'magmax',
-    'mass_rank', 'merge_mask', 'opcm', 'opcm_projection', 'path_name', 'task_arithmetic',
-    'task_vector', 'ties', 'ties_task_vectors', 'trim_task_vector',
+    'ContinualMerge', 'MergeMethod', 'OPCMState', 'REGISTRY', 'SumState', 'TiesState',
+    'FrankWolfeInfo', 'apply', 'average', 'check_finite', 'check_names', 'check_same_structure',
+    'continual_average', 'continual_merge', 'continual_task_arithmetic', 'continual_ties',
+    'dare', 'dare_task_arithmetic', 'dare_task_vectors', 'dare_ties', 'fisher', 'frank_wolfe',
+    'frank_wolfe_with_info', 'get', 'kth_largest_magnitude', 'leaf_names', 'magmax',
+    'mass_rank', 'merge', 'merge_mask', 'opcm', 'opcm_projection', 'path_name',
+    'task_arithmetic', 'task_vector', 'ties', 'ties_task_vectors', 'trim_task_vector',
 ]

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cljax import subspace
 from cljax.merging import static
 from cljax.merging import task_vectors as tvlib
 from cljax.merging import validation
@@ -381,12 +382,12 @@ def opcm_projection(task_vector: jax.Array, merged_task_vector: jax.Array, *,
     validation.check_interval(alpha, name='alpha', low=0.0, high=1.0, low_open=True)
   dtype = tvlib.compute_dtype(task_vector.dtype)
   tau = task_vector.astype(dtype)
-  u, s, vt = jnp.linalg.svd(merged_task_vector.astype(dtype), full_matrices=False)
+  u, s, v = subspace.truncated_svd(merged_task_vector.astype(dtype), min(tau.shape))
   r = mass_rank(s, alpha)
-  coeff = _matmul(_matmul(u.T, tau), vt.T)
+  coeff = _matmul(_matmul(u.T, tau), v)
   idx = jnp.arange(s.shape[0])
   remove = (idx[:, None] == idx[None, :]) | ((idx[:, None] < r) & (idx[None, :] < r))
-  projected = tau - _matmul(_matmul(u, jnp.where(remove, coeff, 0.0)), vt)
+  projected = tau - _matmul(_matmul(u, jnp.where(remove, coeff, 0.0)), v.T)
   return jnp.where(s[0] > 0, projected, tau)
 
 

@@ -732,6 +732,60 @@ def dare(base: Params, finetuned: Sequence[Params], *, key: jax.Array, drop_rate
   return tvlib.combine(base, p.mask, merged)
 
 
+def dare_task_arithmetic(base: Params, finetuned: Sequence[Params], *, key: jax.Array,
+                         drop_rate: float, scaling: float, exclude: Exclude = None) -> Params:
+  """DARE then task arithmetic: ``base + scaling * sum_i dare(tau_i)``; `dare` with
+  ``merge='task_arithmetic'`` (its registered form, whose signature holds only what applies).
+
+  Args:
+    base: base params.
+    finetuned: n >= 1 params pytrees with base's structure, shapes and dtypes.
+    key: PRNG key of the drop masks.
+    drop_rate: p in [0, 1].
+    scaling: lambda of the final merge.
+    exclude: regex(es) of leaves that are not merged.
+
+  Returns:
+    Params with base's structure and dtypes.
+
+  Raises:
+    ValueError: as `dare`.
+
+  References:
+    Yu et al., ICML 2024, Sec. 3.
+  """
+  return dare(base, finetuned, key=key, drop_rate=drop_rate, scaling=scaling,
+              merge='task_arithmetic', exclude=exclude)
+
+
+def dare_ties(base: Params, finetuned: Sequence[Params], *, key: jax.Array, drop_rate: float,
+              scaling: float, density: float = 1.0, trim: str = 'global',
+              exclude: Exclude = None) -> Params:
+  """DARE then TIES's sign election and disjoint mean; `dare` with ``merge='ties'``.
+
+  Args:
+    base: base params.
+    finetuned: n >= 1 params pytrees with base's structure, shapes and dtypes.
+    key: PRNG key of the drop masks.
+    drop_rate: p in [0, 1].
+    scaling: lambda of the final merge.
+    density: TIES trim of the rescaled vectors, in [0, 1] (1: no trim, mergekit's dare_ties).
+    trim: TIES trim mode, 'global' or 'per_tensor'.
+    exclude: regex(es) of leaves that are not merged.
+
+  Returns:
+    Params with base's structure and dtypes.
+
+  Raises:
+    ValueError: as `dare`.
+
+  References:
+    Yu et al., ICML 2024, Sec. 3; Yadav et al., NeurIPS 2023, Sec. 3.
+  """
+  return dare(base, finetuned, key=key, drop_rate=drop_rate, scaling=scaling, merge='ties',
+              density=density, trim=trim, exclude=exclude)
+
+
 # --------------------------------------------------------------------------------------------
 # Fisher merging
 # --------------------------------------------------------------------------------------------

@@ -25,10 +25,10 @@ from cljax import checkpoint
 from cljax import merge_experiment
 from cljax import models as models_lib
 from cljax import sharding
-from cljax.merging import checkpoint_merge
-from cljax.merging import cli
-from cljax.merging import mergekit_config
-from cljax.merging import safetensors_reader
+from cljax.merge_io import checkpoint_merge
+from cljax.merge_io import cli
+from cljax.merge_io import mergekit_config
+from cljax.merge_io import safetensors_reader
 from cljax.methods import base as methods_base
 from cljax.methods import regularizers
 from .reference import np_trim, np_weighted_disjoint_mean, read_folder

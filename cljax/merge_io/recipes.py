@@ -46,7 +46,7 @@ taken as 1, as mergekit does). With equal weights it is the disjoint mean.
 TIES thresholds: t_i is the k-th largest |tau_i| with k = round(density_i * count) over the
 tensor ('per_tensor', mergekit) or over every merged tensor ('global', the paper); entries with
 |tau_i| >= t_i are kept, as `static.trim_task_vector`. The driver computes t_i exactly by a
-streaming radix selection (`cljax.merging.magnitude_select`) and passes it in.
+streaming radix selection (`cljax.merge_io.magnitude_select`) and passes it in.
 
 DARE keys: block j of tensor ``name`` (rows [j R, (j + 1) R)) draws its masks with
 ``fold_in(fold_in(key(seed), h), j)``, h the first 4 bytes (little-endian) of SHA-256(name);
@@ -74,8 +74,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cljax.merge_io import mergekit_config
 from cljax.merging import continual
-from cljax.merging import mergekit_config
+from cljax.merging import registry
 from cljax.merging import static
 from cljax.merging import validation
 
@@ -381,8 +382,45 @@ def _dare(config) -> Recipe:
                 f'scaling {scaling:g}', _checked(merge), uses_key=True)
 
 
+# mergekit's names for the registry's merges (the YAML's merge_method); every other method is
+# called by its registry name.
+MERGEKIT_NAMES = {'linear': 'average', 'dare_linear': 'dare_task_arithmetic'}
+# Merges whose formula takes mergekit's per-model weights (and per-model densities): composed
+# from the registered merge and its building blocks (module docstring). Every other registered,
+# data-free merge runs as ``entry.fn(**hyperparameters from the config)``.
+_WEIGHTED = {'average': _linear, 'task_arithmetic': _task_arithmetic, 'ties': _ties,
+             'dare_task_arithmetic': _dare, 'dare_ties': _dare}
+# Continual merges whose update needs the whole tensor (per-tensor trim; SVD), and OPCM, whose
+# final rescaling uses whole-model norms (`checkpoint_merge` runs a first pass for them).
+_WHOLE_TENSOR = ('continual_ties', 'opcm')
+_GLOBAL_RESCALE = ('opcm',)
+
+
+def _config_hparams(config: mergekit_config.MergeConfig, entry: registry.MergeMethod) -> dict:
+  """The registered merge's hyperparameters from the config: ``scaling`` = lambda, one
+  ``density`` for all models, ``trim``, ``reduce``, ``alpha``; those the merge takes."""
+  values = dict(scaling=config.scaling, trim=config.trim, reduce=config.reduce,
+                alpha=config.alpha)
+  if 'density' in entry.hparams:
+    densities = {m.density for m in config.models}
+    if len(densities) > 1:
+      raise ValueError(f'{config.method} uses one density for all models: '
+                       f'{_first_different(config, "density")}')
+    values['density'] = densities.pop()
+  return {k: values[k] for k in entry.hparams if k in values}
+
+
+def _call(entry: registry.MergeMethod, hp: dict) -> str:
+  """``module.fn(k=v, ...)`` as the recipe's description (floats as %g)."""
+  args = ', '.join(f'{k}={v:g}' if isinstance(v, float) else f'{k}={v!r}' for k, v in hp.items())
+  return f'{entry.fn.__module__.rsplit(".", 1)[-1]}.{entry.fn.__name__}({args})'
+
+
 def make_recipe(config: mergekit_config.MergeConfig) -> Recipe:
   """Resolves a merge config into library calls (see the module docstring's table).
+
+  The method is looked up in `cljax.merging.REGISTRY` (under its registry name, `MERGEKIT_NAMES`
+  for mergekit's linear and dare_linear).
 
   Args:
     config: a checked `MergeConfig`.
@@ -392,38 +430,24 @@ def make_recipe(config: mergekit_config.MergeConfig) -> Recipe:
 
   Raises:
     ValueError: unequal densities for continual_ties (one density per merge), naming the
-      ``models[i].parameters`` key; an unknown method.
+      ``models[i].parameters`` key; an unknown method or one that needs data (not a checkpoint).
   """
-  method = config.method
-  if method == 'linear':
-    return _linear(config)
-  if method == 'task_arithmetic':
-    return _task_arithmetic(config)
-  if method == 'ties':
-    return _ties(config)
-  if method in ('dare_ties', 'dare_linear'):
-    return _dare(config)
-  if method == 'magmax':
-    return Recipe(f'static.magmax(scaling={config.scaling:g})',
-                  _library(static.magmax, scaling=config.scaling))
-  if method == 'continual_average':
-    return Recipe('continual.continual_average()', continual=continual.continual_average())
-  if method == 'continual_task_arithmetic':
-    return Recipe(f'continual.continual_task_arithmetic(scaling={config.scaling:g})',
-                  continual=continual.continual_task_arithmetic(scaling=config.scaling))
-  if method == 'continual_ties':
-    densities = {m.density for m in config.models}
-    if len(densities) > 1:
-      raise ValueError(f'continual_ties uses one density for all models: '
-                       f'{_first_different(config, "density")}')
-    density = densities.pop()
-    merge = continual.continual_ties(scaling=config.scaling, density=density, trim='per_tensor',
-                                     reduce=config.reduce)
-    return Recipe(f"continual.continual_ties(scaling={config.scaling:g}, density={density:g}, "
-                  f"trim='per_tensor', reduce={config.reduce!r})", continual=merge,
-                  blockwise=False)
-  if method == 'opcm':
-    return Recipe(f'continual.opcm(alpha={config.alpha:g}), rescaled by whole-model norms',
-                  continual=continual.opcm(alpha=config.alpha), blockwise=False,
-                  global_rescale=True)
-  raise ValueError(f'unknown merge_method {method!r}')
+  name = MERGEKIT_NAMES.get(config.method, config.method)
+  try:
+    entry = registry.get(name)
+  except ValueError:
+    raise ValueError(f'unknown merge_method {config.method!r}') from None
+  if not entry.data_free:
+    raise ValueError(f'merge_method {config.method!r} needs data '
+                     f'({", ".join(entry.required_inputs)}), which cljax-merge does not have')
+  if name in _WEIGHTED:
+    return _WEIGHTED[name](config)
+  hp = _config_hparams(config, entry)
+  if entry.kind == 'static':
+    return Recipe(_call(entry, hp), _library(entry.fn, with_key='key' in entry.inputs, **hp),
+                  uses_key='key' in entry.inputs)
+  description = _call(entry, hp)
+  if name in _GLOBAL_RESCALE:
+    description += ', rescaled by whole-model norms'
+  return Recipe(description, continual=entry.fn(**hp), blockwise=name not in _WHOLE_TENSOR,
+                global_rescale=name in _GLOBAL_RESCALE)

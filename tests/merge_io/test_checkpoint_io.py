@@ -16,9 +16,9 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from cljax.merging import magnitude_select
-from cljax.merging import safetensors_reader
-from cljax.merging import safetensors_writer
+from cljax.merge_io import magnitude_select
+from cljax.merge_io import safetensors_reader
+from cljax.merge_io import safetensors_writer
 from cljax.merging import static
 
 W = safetensors_writer

@@ -15,8 +15,8 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from cljax.merging import cli
-from cljax.merging import safetensors_reader
+from cljax.merge_io import cli
+from cljax.merge_io import safetensors_reader
 from cljax.merging import static
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -156,10 +156,10 @@ def test_ctrl_c_exits_130_without_output(workspace, capsys, monkeypatch):
 def test_python_m_runs_the_cli(workspace):
   tmp = workspace[0]
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
-  help_run = subprocess.run([sys.executable, '-m', 'cljax.merging.cli', '--help'], env=env,
+  help_run = subprocess.run([sys.executable, '-m', 'cljax.merge_io.cli', '--help'], env=env,
                             capture_output=True, text=True, check=True)
   assert 'usage: cljax-merge' in help_run.stdout and 'dare_ties' in help_run.stdout
-  run = subprocess.run([sys.executable, '-m', 'cljax.merging.cli', 'merge.yml', 'out',
+  run = subprocess.run([sys.executable, '-m', 'cljax.merge_io.cli', 'merge.yml', 'out',
                         '--dtype', 'bfloat16'], env=env, capture_output=True, text=True,
                        cwd=tmp, timeout=300)
   assert run.returncode == 0, run.stderr

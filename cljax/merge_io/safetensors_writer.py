@@ -25,7 +25,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from cljax.merging import safetensors_reader
+from cljax.merge_io import safetensors_reader
 
 INDEX_NAME = safetensors_reader.INDEX_NAME
 _UNITS = {'': 1, 'B': 1, 'KB': 10**3, 'MB': 10**6, 'GB': 10**9, 'TB': 10**12,

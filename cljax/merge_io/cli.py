@@ -1,10 +1,10 @@
 """`cljax-merge`: merge safetensors / Orbax checkpoints out of core from a mergekit-style YAML.
 
   cljax-merge merge.yml ./merged-model [--dtype bfloat16] [--max-shard-size 5GB] [--force]
-  python -m cljax.merging.cli merge.yml ./merged-model
+  python -m cljax.merge_io.cli merge.yml ./merged-model
 
-The config format is `cljax.merging.mergekit_config`'s (mergekit's common subset plus cljax's
-methods); the merge is `cljax.merging.checkpoint_merge.merge_checkpoints`. Flags override the
+The config format is `cljax.merge_io.mergekit_config`'s (mergekit's common subset plus cljax's
+methods); the merge is `cljax.merge_io.checkpoint_merge.merge_checkpoints`. Flags override the
 config's ``dtype``, ``parameters.trim`` and ``exclude``. Exit status 0 on success, 1 when the
 config, the inputs or the output folder are wrong (one line on stderr naming the problem), 130 on
 Ctrl-C; in both failure cases no output folder is left behind.
@@ -17,8 +17,8 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from cljax.merging import checkpoint_merge
-from cljax.merging import mergekit_config
+from cljax.merge_io import checkpoint_merge
+from cljax.merge_io import mergekit_config
 
 PROG = 'cljax-merge'
 

@@ -2,18 +2,18 @@
 
 `merge_checkpoints` merges tensor by tensor, and large tensors block by block (rows of at most
 ``block_entries`` entries), across the base and every model: each block is read from every model
-(`cljax.merging.safetensors_reader`, upcast to float32), merged by the library call its
-`cljax.merging.recipes.Recipe` names, cast to the output dtype and appended to its shard
-(`cljax.merging.safetensors_writer`). No model is ever loaded whole: memory holds one block per
+(`cljax.merge_io.safetensors_reader`, upcast to float32), merged by the library call its
+`cljax.merge_io.recipes.Recipe` names, cast to the output dtype and appended to its shard
+(`cljax.merge_io.safetensors_writer`). No model is ever loaded whole: memory holds one block per
 model, the merged block and the library's temporaries, with three exceptions: per-tensor TIES holds
 the tensor being merged from every model (its thresholds need the whole tensor, and holding it
 reads the disk once), continual TIES and OPCM merge whole tensors (one model at a time), and an
 Orbax input holds the tensor being read whole (Orbax stores it as one chunk; see
-`cljax.merging.safetensors_reader.OrbaxCheckpoint`).
+`cljax.merge_io.safetensors_reader.OrbaxCheckpoint`).
 Passes over the data:
 
   * TIES with ``trim: global``: two passes first for each model's exact threshold over the whole
-    model (`cljax.merging.magnitude_select`); with ``per_tensor`` trim, the same selection runs on
+    model (`cljax.merge_io.magnitude_select`); with ``per_tensor`` trim, the same selection runs on
     the held tensor just before it is merged.
   * OPCM: a first pass runs the continual merge on every tensor for the whole-model norms, the
     second repeats it and writes ``base + A / lambda``.
@@ -54,11 +54,11 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from cljax.merging import magnitude_select
-from cljax.merging import mergekit_config
-from cljax.merging import recipes
-from cljax.merging import safetensors_reader
-from cljax.merging import safetensors_writer
+from cljax.merge_io import magnitude_select
+from cljax.merge_io import mergekit_config
+from cljax.merge_io import recipes
+from cljax.merge_io import safetensors_reader
+from cljax.merge_io import safetensors_writer
 
 DEFAULT_BLOCK_ENTRIES = 1 << 21
 OUTPUT_DTYPES = {'float32': np.dtype(np.float32), 'bfloat16': np.dtype(ml_dtypes.bfloat16),
@@ -460,16 +460,16 @@ def merge_checkpoints(config: mergekit_config.MergeConfig, output: str, *,
   """Merges safetensors or Orbax checkpoints out of core into a Hugging Face folder.
 
   Args:
-    config: the checked merge config (`cljax.merging.mergekit_config.load_config`).
+    config: the checked merge config (`cljax.merge_io.mergekit_config.load_config`).
     output: the folder to create (must not exist unless ``force``; its parent is created).
     dtype: output dtype of floating tensors ('float32', 'bfloat16', 'float16'); default the
       config's ``dtype``, else each tensor keeps the base model's dtype.
     max_shard_size: shard size limit, bytes or e.g. '5GB', '500MB'.
     force: replace an existing ``output`` (only after the new merge succeeded).
-    seed: DARE's seed (see `cljax.merging.recipes.dare_key`).
+    seed: DARE's seed (see `cljax.merge_io.recipes.dare_key`).
     progress: show tqdm bars (bytes/s).
     block_entries: most entries per block of a tensor merged at once (memory vs. call overhead;
-      DARE's masks depend on it, see `cljax.merging.recipes`).
+      DARE's masks depend on it, see `cljax.merge_io.recipes`).
     config_text: written to ``cljax_merge.yml`` in the output for provenance.
 
   Memory: one block per model, the merged block and the library's temporaries; with per-tensor

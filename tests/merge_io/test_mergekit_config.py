@@ -1,4 +1,4 @@
-"""Tests for cljax.merging.mergekit_config and the library calls cljax.merging.recipes picks."""
+"""Tests for cljax.merge_io.mergekit_config and the library calls cljax.merge_io.recipes picks."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import textwrap
 
 import pytest
 
-from cljax.merging import mergekit_config
-from cljax.merging import recipes
+from cljax.merge_io import mergekit_config
+from cljax.merge_io import recipes
 
 parse = mergekit_config.parse_config
 

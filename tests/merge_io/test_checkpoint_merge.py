@@ -1,4 +1,4 @@
-"""Tests for cljax.merging.checkpoint_merge: out-of-core merges equal the library's in-memory ones.
+"""Tests for cljax.merge_io.checkpoint_merge: out-of-core merges equal the library's in-memory ones.
 
 The inputs are tiny Hugging Face folders written with safetensors' own `save_file` (two shards and
 an index); outputs are read back with `safe_open`. References are the library's merges applied to
@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from cljax.merging import checkpoint_merge
+from cljax.merge_io import checkpoint_merge
 from cljax.merging import continual
-from cljax.merging import mergekit_config
-from cljax.merging import safetensors_reader
+from cljax.merge_io import mergekit_config
+from cljax.merge_io import safetensors_reader
 from cljax.merging import static
 from .reference import np_trim, np_weighted_disjoint_mean, read_folder
 
