@@ -40,8 +40,8 @@ def main(argv):
   config = _CONFIG.value
   # config.experiment picks the runner: continual training (default) or model merging.
   if config.get('experiment', 'continual') == 'merge':
-    from cljax import merge_experiment  # pylint: disable=g-import-not-at-top
-    run = merge_experiment.run
+    from cljax.runners import merge  # pylint: disable=g-import-not-at-top
+    run = merge.run
   else:
     run = continual.run
   run(config, _WORKDIR.value or os.path.join('runs', name))

@@ -9,7 +9,7 @@ The model and hyperparameters are those of experiments/configs/permuted_fashion_
 "previous task" of random 28x28 inputs, so that every penalty, teacher model and replay buffer is
 live. Each timed call is one epoch of ``--steps`` scanned train steps on the real code path
 (`cljax.training.make_epoch_fn`, one jitted `lax.scan`), on a fixed batch of random inputs (passed
-through the method's ``prepare_data`` first, as `cljax.training.fit_task` does: LwF's recorded
+through the method's ``prepare_task`` first, as `cljax.continual.run_stream` does: LwF's recorded
 teacher outputs); the
 step time is the median over ``--repeats`` calls after a compiling one, methods interleaved so
 that drifts of the machine affect all alike. By default the time is this process's CPU time (all
@@ -35,15 +35,15 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cljax import methods  # pylint: disable=g-import-not-at-top
+from cljax import core  # pylint: disable=g-import-not-at-top
 from cljax import models
 from cljax import sharding
 from cljax import training
-from cljax.methods import base
+from cljax.runners import continual as runner
 from experiments.configs import permuted_fashion_mnist
 
 _METHODS = flags.DEFINE_list(
-    'methods', ['finetune', 'l2', 'ewc', 'online_ewc', 'si', 'mas', 'lwf', 'replay', 'refresh'],
+    'methods', ['finetune', 'l2', 'ewc', 'online_ewc', 'si', 'mas', 'lwf', 'replay', 'ewc+refresh'],
     'Methods to time; finetune is always timed (the reference).')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 0, 'Batch size; 0 = the config\'s (64).')
 _STEPS = flags.DEFINE_integer('steps', 200, 'Train steps per timed epoch.')
@@ -54,12 +54,12 @@ _CLOCK = flags.DEFINE_enum('clock', 'cpu', ['wall', 'cpu'],
                            'wall: elapsed time; cpu: this process\'s CPU time (all threads), '
                            'steadier than wall time on a machine shared with other jobs.')
 
-TARGETS = {'replay': 2.0, 'refresh': None, 'finetune': 1.0}
+TARGETS = {'replay': 2.0, 'ewc+refresh': None, 'finetune': 1.0}
 REGULARIZER_TARGET = 1.3
 
 
-def _random_batch(rng: np.random.Generator, n: int, shape, num_outputs: int) -> base.Batch:
-  return base.Batch(rng.random((n, *shape), dtype=np.float32),
+def _random_batch(rng: np.random.Generator, n: int, shape, num_outputs: int) -> core.Batch:
+  return core.Batch(rng.random((n, *shape), dtype=np.float32),
                     rng.integers(0, num_outputs, n).astype(np.int32),
                     np.ones((n, num_outputs), bool))
 
@@ -70,13 +70,15 @@ def _timer(apply_fn, method, optimizer, mesh, params, state, batches):
   opt_init = training.make_opt_init_fn(method, optimizer, mesh)
 
   clock = time.process_time if _CLOCK.value == 'cpu' else time.perf_counter
+  steps = jnp.arange(_STEPS.value, dtype=jnp.int32)
+  key = jax.random.key(0)
 
   def run() -> float:
     p, s = jax.tree.map(jnp.copy, (params, state))
     o = opt_init(p, s)
     jax.block_until_ready((p, s, o))
     start = clock()
-    jax.block_until_ready(epoch(p, o, s, batches))
+    jax.block_until_ready(epoch(p, o, s, batches, steps, key))
     return clock() - start
 
   run()  # Compile.
@@ -103,9 +105,11 @@ def main(argv):
 
   timers = {}
   for name in names:
-    method = methods.get(name, config.get(name), input_shape=shape)
-    state = method.end_task(params, method.init(params), previous, apply_fn)
-    data = one if method.prepare_data is None else method.prepare_data(params, state, one, apply_fn)
+    method = runner.method_from_config(config, name, input_shape=shape)
+    key = jax.random.key(1)
+    state = method.end_task(params, method.init(params), previous, apply_fn=apply_fn, key=key)
+    data = one if method.prepare_task is None else method.prepare_task(
+        params, state, one, seen=[previous, one], apply_fn=apply_fn, key=key)
     timers[name] = _timer(apply_fn, method, optimizer, mesh, params, state, stack(data))
   samples = {name: [] for name in names}
   for _ in range(_REPEATS.value):

@@ -12,7 +12,7 @@ one jitted `lax.scan` over ``--steps`` steps), the epoch of
     (``projection='gradients'``, O(d * k * out)); both at the smallest static width holding the
     rank,
   (``gpm`` projects the first layer's inputs, the model's inputs, once per task in its
-  ``prepare_data``: that time is measured on the whole task and reported beside the steps),
+  ``prepare_task``: that time is measured on the whole task and reported beside the steps),
   * ``full``: the gradients projected at the bases' full padded width (`cljax.subspace.
     project_gradients`), i.e. without the rank-bucketing,
 
@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cljax import core
 from cljax import models
 from cljax import sharding
 from cljax import subspace
@@ -65,15 +66,15 @@ def _full_width_method(gpm: base.Method) -> base.Method:
   def transform(state):
     bases = {name: {'kernel': b} for name, b in zip(('dense0', 'dense1', 'head'), state.bases)}
     return subspace.project_gradients(bases)
-  return gpm._replace(gradient_transform=transform, wrap_apply=None)
+  return gpm._replace(gradient_transform=transform, intercept=None, prepare_task=None)
 
 
-def _sample(data: base.Batch, steps: int, batch_size: int) -> base.Batch:
+def _sample(data: core.Batch, steps: int, batch_size: int) -> core.Batch:
   idx = np.random.default_rng(0).choice(data.size, size=steps * batch_size)
   return jax.tree.map(lambda a: np.take(a, idx, axis=0), data)
 
 
-def _batches(data: base.Batch, steps: int, mesh) -> base.Batch:
+def _batches(data: core.Batch, steps: int, mesh) -> core.Batch:
   """(steps * B, ...) host rows -> (steps, B, ...) sharded along B."""
   return jax.tree.map(
       lambda a: sharding.shard_batch(mesh, a.reshape(steps, -1, *a.shape[1:]), axis=1), data)
@@ -84,12 +85,15 @@ def _timer(apply_fn, method, optimizer, mesh, params, state, batches):
   epoch = training.make_epoch_fn(apply_fn, method, optimizer, mesh)
   opt_init = training.make_opt_init_fn(method, optimizer, mesh)
 
+  steps = jnp.arange(jax.tree.leaves(batches)[0].shape[0], dtype=jnp.int32)
+  key = jax.random.key(0)
+
   def run() -> float:
     p, s = jax.tree.map(jnp.copy, (params, state))
     o = opt_init(p, s)
     jax.block_until_ready((p, s, o))
     start = time.perf_counter()
-    jax.block_until_ready(epoch(p, o, s, batches))
+    jax.block_until_ready(epoch(p, o, s, batches, steps, key))
     return time.perf_counter() - start
   run()  # Compile.
   return run
@@ -131,14 +135,16 @@ def main(argv):
   for t, task in enumerate(stream.tasks):
     cells = []
     start = time.perf_counter()  # GPM's once-per-task projection of the first layer's inputs.
-    jax.block_until_ready(gpm.prepare_data(params, state, task.train, apply_fn))
+    jax.block_until_ready(gpm.prepare_task(params, state, task.train, seen=[task.train],
+                                           apply_fn=apply_fn, key=jax.random.key(t)))
     prepare_s.append(time.perf_counter() - start)
     for b in batch_sizes:
       sample = _sample(task.train, _STEPS.value, b)
       timers = {}
       for name, m in (('plain', plain), ('gpm', gpm), ('gpm_grad', gpm_grad), ('full', full)):
         s = base.EmptyState() if m is plain else state
-        data = sample if m.prepare_data is None else m.prepare_data(params, s, sample, apply_fn)
+        data = sample if m.prepare_task is None else m.prepare_task(
+            params, s, sample, seen=[sample], apply_fn=apply_fn, key=jax.random.key(t))
         timers[name] = _timer(apply_fn, m, optimizer, mesh, params, s,
                               _batches(data, _STEPS.value, mesh))
       med = _time_task(timers, _REPEATS.value)
@@ -154,7 +160,8 @@ def main(argv):
     result = training.fit_task(apply_fn, gpm, optimizer, params, state, subset, epochs=1,
                                batch_size=10, seed=t, mesh=mesh, task_index=t)
     params = result.params
-    state = gpm.end_task(params, result.method_state, task.train, apply_fn)
+    state = gpm.end_task(params, result.method_state, task.train, apply_fn=apply_fn,
+                         key=jax.random.key(t))
   print('\nmean over tasks of the per-task step-time ratio:')
   for b in batch_sizes:
     print(f'  batch {b}: ' + ', '.join(f'{v}/plain {np.mean(ratios[b][v]):.2f}x'

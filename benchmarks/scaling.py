@@ -29,6 +29,7 @@ import optax
 
 from cljax import models, sharding, training
 from cljax.data import sources
+from cljax import core
 from cljax.methods import base, regularizers
 
 _DEVICES = flags.DEFINE_list('devices', ['1', '2', '4', '8'], 'Device counts to measure.')
@@ -43,7 +44,7 @@ def _data(n):
   except FileNotFoundError:
     ds = sources.digits()
   x, y = ds.x_train[:n], ds.y_train[:n]
-  return ds.name, base.Batch(x, y, np.ones((len(y), ds.num_classes), bool))
+  return ds.name, core.Batch(x, y, np.ones((len(y), ds.num_classes), bool))
 
 
 def main(argv):

@@ -109,6 +109,7 @@ def run_stream(
     on_task_start: Optional[Callable[[int, int], None]] = None,
     on_epoch: Optional[Callable[[int, int, np.ndarray], None]] = None,
     on_task_end: Optional[Callable[[int, StreamState, core.Evaluation], None]] = None,
+    evaluate: bool = True,
 ) -> StreamResult:
   """Trains ``method`` on every task of ``stream`` in order and evaluates after each task.
 
@@ -131,6 +132,8 @@ def run_stream(
     on_task_start: called with (task index, steps to train) before fitting each task.
     on_epoch: called with (task index, epoch, that epoch's (S,) per-step losses).
     on_task_end: called with (tasks done, state, this task's row), e.g. to save a stage.
+    evaluate: False skips the evaluation (tasks need no ``test``; rows and matrices are empty,
+      ``on_task_end`` gets None): training a model to be used elsewhere, e.g. a merge's expert.
 
   Returns:
     `StreamResult`.
@@ -147,7 +150,8 @@ def run_stream(
     raise ValueError(f'run_stream: start={start} with {len(rows)} rows for {len(tasks)} tasks')
   if state is None:
     state = initial_state(params, method, optimizer, seed=seed, mesh=mesh)
-  eval_fn = training.make_eval_fn(apply_fn, mesh)
+  evaluator = evaluate and training.Evaluator(apply_fn, [task.test for task in tasks],
+                                              batch_size=eval_batch_size, mesh=mesh)
   rows, losses = list(rows), []
   for t in range(start, len(tasks)):
     rng, shuffle_seed, fit_key, prepare_key, end_key = _task_keys(state.rng)
@@ -166,9 +170,9 @@ def run_stream(
     method_state = method.end_task(fit.params, fit.method_state, tasks[t].train,
                                    apply_fn=apply_fn, key=end_key)
     state = StreamState(fit.params, fit.opt_state, method_state, rng)
-    row = training.evaluate_tasks(eval_fn, state.params, [task.test for task in tasks],
-                                  batch_size=eval_batch_size, mesh=mesh)
-    rows.append(row)
+    row = evaluator.evaluate_all(state.params) if evaluate else None
+    if evaluate:
+      rows.append(row)
     losses.append(fit.losses)
     if on_task_end is not None:
       on_task_end(t + 1, state, row)

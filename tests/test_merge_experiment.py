@@ -1,4 +1,4 @@
-"""merge_experiment.run end to end on real digits: outputs, numpy references, resume, bad input."""
+"""runners.merge.run end to end on real digits: outputs, numpy references, resume, bad input."""
 
 import functools
 import json
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cljax import checkpoint
-from cljax import merge_experiment
+from cljax.runners import merge as merge_experiment
 from cljax import training
 from cljax.data import sources
 

@@ -82,10 +82,14 @@ def _rules(config: ml_collections.ConfigDict) -> list[sharding.Rule]:
   return [(regex, tuple(spec)) for regex, spec in config.sharding_rules]
 
 
-def _method(config: ml_collections.ConfigDict, name: str, stream: streams.Stream):
-  """The method ``name`` (members joined by '+') built from each member's config block."""
+def method_from_config(config: ml_collections.ConfigDict, name: str, *, input_shape):
+  """The method ``name`` (members joined by '+') built from each member's config block.
+
+  Raises:
+    ValueError: an unknown member, or a bad hyperparameter (named ``<member>.<key>``).
+  """
   blocks = {m: config.get(m) for m in methods_lib.members(name)}
-  return methods_lib.get(name, blocks=blocks, input_shape=stream.input_shape)
+  return methods_lib.get(name, blocks=blocks, input_shape=input_shape)
 
 
 class _Run:
@@ -94,7 +98,7 @@ class _Run:
   def __init__(self, config, stream, method_name, workdir, mesh):
     self.config, self.stream, self.name, self.workdir, self.mesh = (
         config, stream, method_name, workdir, mesh)
-    self.method = _method(config, method_name, stream)
+    self.method = method_from_config(config, method_name, input_shape=stream.input_shape)
     module = models.make_model(config.model, num_outputs=stream.num_outputs,
                                **dict(config.model_kwargs))
     self.apply_fn = models.linen_apply_fn(module)
@@ -196,7 +200,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
   sharding.check_batch_size(config.eval_batch_size, mesh)
   stream = build_stream(config)
   for name in config.methods:  # Values (and the stream's input shape): before any writing.
-    _method(config, name, stream)
+    method_from_config(config, name, input_shape=stream.input_shape)
   module = models.make_model(config.model, num_outputs=stream.num_outputs,
                              **dict(config.model_kwargs))
   abstract_params = jax.eval_shape(

@@ -1,7 +1,7 @@
 """Model merging on sklearn digits: 8 experts from one base, every static and continual merge.
 
 The small, embedded merge experiment (needs nothing beyond the pip requirements; the tests run a
-cut-down copy of it). Protocol (see `cljax.merge_experiment`): an MLP base is pretrained on 600
+cut-down copy of it). Protocol (see `cljax.runners.merge`): an MLP base is pretrained on 600
 of the 1,257 training digits; the other 657 feed 8 tasks with their own heads: 2 class groups
 (split, 5 classes each), 4 rotations (0, 90, 180, 270 degrees) and 2 pixel permutations. Per task
 a linear probe on the frozen base (zero-shot reference) and an expert fine-tuned from it (LP-FT);
@@ -11,7 +11,7 @@ head; continual merges in 10 random orders.
   python launch.py --config=experiments/configs/merge_digits.py --workdir=runs/merge_digits
 
 This file is the reference for the merge config keys; merge_fashion_mnist.py starts from it.
-``config.experiment = 'merge'`` makes launch.py call `cljax.merge_experiment.run`.
+``config.experiment = 'merge'`` makes launch.py call `cljax.runners.merge.run`.
 
 Hyperparameters of the merges (the papers' defaults where they give one; not tuned here):
   * task_arithmetic: lambda = 0.3. Ilharco et al. (ICLR 2023) pick lambda on held-out data from
@@ -38,7 +38,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.experiment = 'merge'  # launch.py: cljax.merge_experiment.run rather than cljax.experiment.run
+  c.experiment = 'merge'  # launch.py: cljax.runners.merge.run rather than cljax.runners.continual.run
   c.name = 'merge_digits'
   # Data: 'digits' | 'fashion_mnist' | 'tfds:<name>'; data_dir '' = the source's default.
   c.dataset = 'digits'

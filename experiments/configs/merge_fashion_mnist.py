@@ -5,7 +5,7 @@ Needs Debian's Fashion-MNIST (``apt-get install -y dataset-fashion-mnist``):
   python launch.py --config=experiments/configs/merge_fashion_mnist.py \
       --workdir=runs/merge_fashion_mnist
 
-Protocol (see `cljax.merge_experiment`): an MLP 784-256-256-10 base is pretrained on 30,000 of the
+Protocol (see `cljax.runners.merge`): an MLP 784-256-256-10 base is pretrained on 30,000 of the
 60,000 training images (all 10 classes, upright). The other 30,000 feed 8 tasks with their own
 heads: 2 class groups (split, 5 classes each), 4 rotations (0, 90, 180, 270 degrees) and 2 pixel
 permutations. Per task: 256 held-out labeled training examples (Frank-Wolfe's proxy loss),

@@ -22,7 +22,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from cljax import checkpoint
-from cljax import merge_experiment
+from cljax.runners import merge as merge_experiment
 from cljax import models as models_lib
 from cljax import sharding
 from cljax.merge_io import checkpoint_merge
@@ -71,7 +71,7 @@ def save_standard(path, tree):
 
 
 def save_stage(directory, tree, step=1):
-  """As `cljax.merge_experiment.train_model` saves a model: one stage holding {'params': ...}."""
+  """As `cljax.runners.merge.train_model` saves a model: one stage holding {'params': ...}."""
   with checkpoint.StageCheckpointer(str(directory)) as ckpt:
     ckpt.save(step, {'params': tree}, {'name': 'expert'})
   return os.path.join(str(directory), str(step))
@@ -207,7 +207,7 @@ def test_normalized_weighted_ties_of_orbax_models(orbax_models, trim, block_entr
 
 
 def test_merge_experiment_models_merge_through_the_command_line(tmp_path, monkeypatch):
-  """Base and experts trained and saved by `cljax.merge_experiment.train_model` (a stage holding
+  """Base and experts trained and saved by `cljax.runners.merge.train_model` (a stage holding
   {'params': flax params}); the YAML names step folders and an item folder."""
   module = models_lib.MLP(hidden=(8,), num_outputs=3)
   init = models_lib.init_params(module, jax.random.key(0), (4,))

@@ -63,8 +63,8 @@ import optax
 import tqdm
 
 from cljax import checkpoint
+from cljax import continual
 from cljax import core
-from cljax.runners import continual as experiment
 from cljax import fisher as fisher_lib
 from cljax import merging
 from cljax import models
@@ -75,6 +75,7 @@ from cljax.data import sources
 from cljax.data import streams
 from cljax.methods import base
 from cljax.methods import regularizers
+from cljax.runners import continual as continual_runner
 
 Params = Any
 
@@ -239,7 +240,7 @@ def train_model(directory: str, trainer: Trainer, init: Params, data: core.Batch
     trainer: the model function, method, optimizer and loop settings.
     init: the starting parameters (also the restore target's structure).
     data: host training data.
-    seed: shuffling seed of `training.fit_task`.
+    seed: seeds `continual.run_stream`'s key (the data order of its one task).
     name: for logs and the checkpoint's metadata.
 
   Returns:
@@ -250,13 +251,15 @@ def train_model(directory: str, trainer: Trainer, init: Params, data: core.Batch
       logging.info('%s: restored from %s', name, directory)
       return ckpt.restore(ckpt.latest_step(), {'params': init}).state['params']
     started = time.time()
-    result = training.fit_task(trainer.apply_fn, trainer.method, trainer.optimizer, init,
-                               trainer.method.init(init), data, epochs=trainer.epochs,
-                               batch_size=trainer.batch_size, seed=seed, mesh=trainer.mesh)
-    ckpt.save(1, {'params': result.params},
-              dict(name=name, examples=data.size, final_loss=float(result.losses[-1]),
+    result = continual.run_stream(
+        trainer.apply_fn, init, trainer.method, trainer.optimizer,
+        [streams.Task(name, data, None)], epochs=trainer.epochs, batch_size=trainer.batch_size,
+        seed=seed, mesh=trainer.mesh, evaluate=False)
+    params = result.state.params
+    ckpt.save(1, {'params': params},
+              dict(name=name, examples=data.size, final_loss=float(result.losses[-1][-1]),
                    wall_time_s=time.time() - started))
-    return result.params
+    return params
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,30 +267,7 @@ def train_model(directory: str, trainer: Trainer, init: Params, data: core.Batch
 # --------------------------------------------------------------------------------------------
 
 
-class Evaluator:
-  """Accuracy of a model on each task's test data, with the test batches placed once.
-
-  Like `training.evaluate` (fixed-size padded batches sharded over ``data``, one compile), but
-  the batches stay on the device between calls: the continual protocol evaluates hundreds of
-  merged models on the same test sets.
-  """
-
-  def __init__(self, apply_fn: Callable, tests: Sequence[core.Batch], *, batch_size: int,
-               mesh: Any):
-    sharding.check_batch_size(batch_size, mesh)
-    self._eval_fn = training.make_eval_fn(apply_fn, mesh)
-    self._tasks = []
-    for data in tests:
-      chunks = []
-      for start in range(0, data.size, batch_size):
-        chunk = training._padded(data, start, batch_size)  # pylint: disable=protected-access
-        chunks.append(jax.tree.map(lambda a: sharding.shard_batch(mesh, a), chunk))
-      self._tasks.append(chunks)
-
-  def accuracy(self, params: Params, task: int) -> float:
-    """Fraction of task ``task``'s test examples that ``params`` classifies correctly."""
-    sums = jax.device_get([self._eval_fn(params, batch) for batch in self._tasks[task]])
-    return sum(float(s.correct) for s in sums) / sum(float(s.weight) for s in sums)
+Evaluator = training.Evaluator  # Test batches placed once, shared with the continual runner.
 
 
 # --------------------------------------------------------------------------------------------
@@ -713,7 +693,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     num_pretrain=config.num_pretrain, max_train=config.max_train or None,
                     max_test=config.max_test or None, num_heldout=config.num_heldout,
                     seed=config.seed)
-  experiment._claim_workdir(workdir, experiment._config_dict(config))  # pylint: disable=protected-access
+  continual_runner._claim_workdir(workdir, continual_runner._config_dict(config))  # pylint: disable=protected-access
   mask = merging.merge_mask(abstract, config.exclude)
   started = time.time()
   apply_fn, base_params, probes, experts = _train_models(config, data, module, mesh, workdir, mask)
@@ -728,7 +708,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   orders = _orders(len(data.tasks), config.num_orders, config.seed)
   results = dict(name=config.name, dataset=dataset.name, tasks=[t.name for t in data.tasks],
                  num_orders=config.num_orders,
-                 config=experiment._config_dict(config),  # pylint: disable=protected-access
+                 config=continual_runner._config_dict(config),  # pylint: disable=protected-access
                  **_reference_results(config, data, apply_fn, mesh, evaluator, base_params, probes,
                                       experts, orders))
   expert_acc = results['experts']['per_task']
