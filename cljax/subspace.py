@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -439,15 +438,15 @@ class ProjectionState(NamedTuple):
 
 
 def _select_bases(params: PyTree, bases: PyTree, output_bases: PyTree,
-                  pattern: Optional[re.Pattern]) -> ProjectionState:
+                  include: Optional[str]) -> ProjectionState:
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  flags = (None if include is None else
+           jax.tree.leaves(tree_lib.select(params, include, name='include')))
   basis_leaves = _flatten_like(treedef, bases, 'bases', len(leaves))
   output_leaves = _flatten_like(treedef, output_bases, 'output_bases', len(leaves))
-  kept, kept_out, matched = [], [], 0
-  for (path, p), b, c in zip(leaves, basis_leaves, output_leaves):
-    selected = pattern is None or pattern.fullmatch(tree_lib.path_str(path)) is not None
-    matched += selected
-    if not selected:
+  kept, kept_out = [], []
+  for i, ((path, p), b, c) in enumerate(zip(leaves, basis_leaves, output_leaves)):
+    if flags is not None and not flags[i]:
       b = c = None
     where = _where(path)
     if b is not None:
@@ -460,10 +459,6 @@ def _select_bases(params: PyTree, bases: PyTree, output_bases: PyTree,
       check_orthonormal(c, where=where)
     kept.append(b)
     kept_out.append(c)
-  if pattern is not None and not matched:
-    names = [tree_lib.path_str(path) for path, _ in leaves]
-    raise ValueError(f'include regex {pattern.pattern!r} matches no parameter; paths are '
-                     f'{names[:20]}{" ..." if len(names) > 20 else ""}')
   kept_output_bases = None
   if output_bases is not None:
     kept_output_bases = jax.tree_util.tree_unflatten(treedef, kept_out)
@@ -504,13 +499,10 @@ def project_gradients(bases: PyTree, *, output_bases: PyTree = None,
   References:
     Saha et al., ICLR 2021, Eq. 10; Nayak et al., arXiv 2504.07097 (two-sided, with output_bases).
   """
-  try:
-    pattern = None if include is None else re.compile(include)
-  except re.error as e:
-    raise ValueError(f'include is not a valid regex: {include!r} ({e})') from None
+  tree_lib.compile_patterns(include, name='include')  # An invalid regex fails here.
 
   def init_fn(params):
-    return _select_bases(params, bases, output_bases, pattern)
+    return _select_bases(params, bases, output_bases, include)
 
   def update_fn(updates, state, params=None):
     del params

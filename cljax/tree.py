@@ -60,7 +60,7 @@ def compile_patterns(patterns: Patterns, *, name: str) -> list[re.Pattern]:
     try:
       compiled.append(re.compile(pattern))
     except re.error as e:
-      raise ValueError(f'{name}={pattern!r} is not a valid regular expression: {e}') from None
+      raise ValueError(f'{name}={pattern!r} is not a valid regex: {e}') from None
   return compiled
 
 

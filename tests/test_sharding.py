@@ -17,7 +17,7 @@ from conftest import ROOT
 _SCRIPT = textwrap.dedent('''
     import jax, numpy as np, optax
     assert len(jax.devices()) == 8, jax.devices()
-    from cljax import models, sharding, training
+    from cljax import continual, models, sharding, training
     from cljax.data import sources, streams
     from cljax.methods import projection, regularizers
 
@@ -29,15 +29,9 @@ _SCRIPT = textwrap.dedent('''
     method = regularizers.ewc(strength=10.0, num_samples=64)
 
     def run(mesh, rules=(), method=method):
-      params, state, rows = params0, method.init(params0), []
-      eval_fn = training.make_eval_fn(apply_fn, mesh)
-      for t, task in enumerate(stream.tasks):
-        r = training.fit_task(apply_fn, method, optax.sgd(0.05), params, state, task.train,
-                              epochs=2, batch_size=40, seed=t, mesh=mesh, param_rules=rules)
-        params, state = r.params, method.end_task(r.params, r.method_state, task.train, apply_fn)
-        rows.append(training.evaluate_tasks(eval_fn, params, [k.test for k in stream.tasks],
-                                            batch_size=40, mesh=mesh))
-      return params, np.asarray(rows)
+      r = continual.run_stream(apply_fn, params0, method, optax.sgd(0.05), stream, epochs=2,
+                               batch_size=40, seed=0, mesh=mesh, param_rules=rules)
+      return r.state.params, r.accuracy_matrix
 
     p1, r1 = run(sharding.make_mesh(1))
     p8, r8 = run(sharding.make_mesh(8))
@@ -60,7 +54,7 @@ _SCRIPT = textwrap.dedent('''
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
     # GPM projecting inside the backward pass, with the first layer's inputs projected once per
-    # task (Batch.projected_inputs travels with the sharded batches).
+    # task (Batch.aux['projected_inputs'] travels with the sharded batches).
     gpm = projection.gpm(threshold=0.97, num_samples=64)
     g1, q1 = run(sharding.make_mesh(1), method=gpm)
     g8, q8 = run(sharding.make_mesh(8), method=gpm)

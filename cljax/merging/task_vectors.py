@@ -21,7 +21,6 @@ References:
 
 from __future__ import annotations
 
-import re
 from typing import Any, Optional, Sequence, Union
 
 import jax
@@ -41,21 +40,6 @@ path_name = tree_lib.path_str
 leaf_names = tree_lib.leaf_paths
 
 
-def _patterns(exclude: Exclude) -> list:
-  if exclude is None:
-    return []
-  patterns = [exclude] if isinstance(exclude, str) else list(exclude)
-  compiled = []
-  for pattern in patterns:
-    if not isinstance(pattern, str):
-      raise ValueError(f'exclude must be a regex string or a sequence of them; got {pattern!r}')
-    try:
-      compiled.append(re.compile(pattern))
-    except re.error as e:
-      raise ValueError(f'exclude pattern {pattern!r} is not a valid regex: {e}') from e
-  return compiled
-
-
 def merge_mask(tree: Any, exclude: Exclude = None) -> Any:
   """Which leaves a merge touches: True where merged, False where excluded.
 
@@ -70,15 +54,8 @@ def merge_mask(tree: Any, exclude: Exclude = None) -> Any:
   Raises:
     ValueError: a pattern is not a valid regex or matches no leaf (the error lists a few paths).
   """
-  patterns = _patterns(exclude)
-  names = leaf_names(tree)
-  for pattern in patterns:
-    if not any(pattern.fullmatch(name) for name in names):
-      examples = ', '.join(repr(n) for n in names[:5]) + (', ...' if len(names) > 5 else '')
-      raise ValueError(f'exclude pattern {pattern.pattern!r} matches no parameter (matched with '
-                       f're.fullmatch against paths such as {examples})')
-  flags = [not any(p.fullmatch(name) for p in patterns) for name in names]
-  return jax.tree.unflatten(jax.tree.structure(tree), flags)
+  excluded = tree_lib.select(tree, exclude, name='exclude')
+  return jax.tree.map(lambda e: not e, excluded)
 
 
 def included_leaves(tree: Any, mask: Any) -> list:
