@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cljax import fisher
-from cljax.methods import base
+from cljax import core
 
 
 def apply_fn(params, x, *, train=False, rngs=None):
@@ -31,7 +31,7 @@ def problem():
   x = rng.normal(size=(n, d)).astype(np.float32)
   y = rng.integers(0, k, size=n).astype(np.int32)
   w = rng.normal(size=(d, k)).astype(np.float32)
-  return {'w': jnp.asarray(w)}, base.Batch(x, y, np.ones((n, k), bool))
+  return {'w': jnp.asarray(w)}, core.Batch(x, y, np.ones((n, k), bool))
 
 
 def test_exact_matches_closed_form(problem):
@@ -67,7 +67,7 @@ def test_mask_restricts_to_the_task_head(problem):
   p = _softmax(data.x @ np.asarray(params['w'], np.float64)[:, :2])
   expected = np.zeros((5, 4))
   expected[:, :2] = np.mean(data.x[:, :, None] ** 2 * (p * (1 - p))[:, None, :], axis=0)
-  got = fisher.diagonal_fisher(apply_fn, params, base.Batch(data.x, data.y % 2, mask))
+  got = fisher.diagonal_fisher(apply_fn, params, core.Batch(data.x, data.y % 2, mask))
   assert np.isfinite(np.asarray(got['w'])).all()
   np.testing.assert_allclose(got['w'], expected, rtol=1e-5, atol=1e-7)
 
@@ -78,6 +78,6 @@ def test_errors(problem):
     fisher.diagonal_fisher(apply_fn, params, data, estimator='kfac')
   with pytest.raises(ValueError, match='PRNG key'):
     fisher.diagonal_fisher(apply_fn, params, data, estimator='sampled')
-  empty = base.Batch(data.x[:0], data.y[:0], data.mask[:0])
+  empty = core.Batch(data.x[:0], data.y[:0], data.mask[:0])
   with pytest.raises(ValueError, match='at least one example'):
     fisher.diagonal_fisher(apply_fn, params, empty)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cljax.methods import base
+from cljax import core
 from cljax.methods import regularizers
 
 
@@ -36,11 +36,12 @@ class PenaltyTest(chex.TestCase):
     state = method.init(THETA)
     state = regularizers.consolidate(state, F1, A1)
     state = regularizers.consolidate(state, F2, A2)
-    loss = self.variant(lambda p, s: method.loss(p, s, None, None))(THETA, state)
+    penalty = lambda p, s: method.loss(p, s, None, logits=None, apply_fn=None, key=None)
+    loss = self.variant(penalty)(THETA, state)
     expected = 0.5 * 4.0 * _hand_penalty(THETA, [(1.0, F1, A1), (1.0, F2, A2)])
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
     # The gradient too: strength * sum_k F_k (theta - a_k).
-    grad = self.variant(jax.grad(lambda p, s: method.loss(p, s, None, None)))(THETA, state)
+    grad = self.variant(jax.grad(penalty))(THETA, state)
     expected_grad = jax.tree.map(lambda t, f1, a1, f2, a2: 4.0 * (f1 * (t - a1) + f2 * (t - a2)),
                                  THETA, F1, A1, F2, A2)
     chex.assert_trees_all_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
@@ -69,7 +70,7 @@ def _tiny():
   rng = np.random.default_rng(0)
   params = {'w1': jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
             'w2': jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)}
-  data = base.Batch(rng.normal(size=(5, 3)).astype(np.float32), np.array([0, 1, 1, 0, 1], np.int32),
+  data = core.Batch(rng.normal(size=(5, 3)).astype(np.float32), np.array([0, 1, 1, 0, 1], np.int32),
                     np.ones((5, 2), bool))
   return apply_fn, params, data
 
@@ -77,7 +78,8 @@ def _tiny():
 def test_end_task_uses_exact_fisher_at_the_task_parameters():
   apply_fn, params, data = _tiny()
   method = regularizers.ewc(strength=2.0, num_samples=100)
-  state = method.end_task(params, method.init(params), data, apply_fn)
+  state = method.end_task(params, method.init(params), data, apply_fn=apply_fn,
+                           key=jax.random.key(0))
   # Two-class softmax: the exact Fisher of w2[:, k] is mean h^2 p0 p1 (closed form, by hand).
   h = np.tanh(data.x @ np.asarray(params['w1'], np.float64))
   z = h @ np.asarray(params['w2'], np.float64)
@@ -86,9 +88,10 @@ def test_end_task_uses_exact_fisher_at_the_task_parameters():
   np.testing.assert_allclose(state.fisher['w2'], np.broadcast_to(expected_w2, (4, 2)), rtol=1e-5)
   chex.assert_trees_all_close(state.anchor, params)
   # At the anchor the penalty is zero; moving one weight by delta costs strength/2 * F * delta^2.
-  np.testing.assert_allclose(method.loss(params, state, data, apply_fn), 0.0, atol=1e-6)
+  penalty = lambda p: method.loss(p, state, data, logits=None, apply_fn=apply_fn, key=None)
+  np.testing.assert_allclose(penalty(params), 0.0, atol=1e-6)
   moved = {'w1': params['w1'], 'w2': params['w2'].at[1, 0].add(0.5)}
-  np.testing.assert_allclose(method.loss(moved, state, data, apply_fn),
+  np.testing.assert_allclose(penalty(moved),
                              0.5 * 2.0 * expected_w2[1, 0] * 0.25, rtol=1e-5)
 
 

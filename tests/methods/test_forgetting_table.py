@@ -1,6 +1,6 @@
 """Every method on one permuted-digits stream: a forgetting table, and regularizers beat finetune.
 
-Runs `cljax.experiment.run` (the real config -> stream -> method -> loop path) once for all
+Runs `cljax.runners.continual.run` (the real config -> stream -> method -> loop path) once for all
 methods on 3 permuted-digits tasks with fixed seeds, prints the table (visible with ``pytest -s``
 and in the failure message), and asserts that each method forgets less than finetune.
 
@@ -16,7 +16,8 @@ points with 3 epochs, ~49 with 5):
   * lwf: lambda_o = 3 forgets ~17 points (1: ~26): distillation on the new task's inputs
     protects a permuted (domain-incremental) stream only partly, as van de Ven & Tolias (2019)
     also report.
-  * refresh wraps ewc here, at the library's default unlearn rate (the reference code's 1e-5).
+  * refresh runs around ewc here ('ewc+refresh': the chain reads the ewc block above and the
+    refresh block), at the library's default unlearn rate (the reference code's 1e-5).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import pytest
 from cljax.runners import continual as experiment
 from experiments.configs import default
 
-METHODS = ('finetune', 'l2', 'ewc', 'online_ewc', 'si', 'mas', 'lwf', 'replay', 'refresh')
+METHODS = ('finetune', 'l2', 'ewc', 'online_ewc', 'si', 'mas', 'lwf', 'replay', 'ewc+refresh')
 
 
 def _config() -> ml_collections.ConfigDict:
@@ -44,9 +45,9 @@ def _config() -> ml_collections.ConfigDict:
   c.lwf = ml_collections.ConfigDict({'strength': 3.0, 'temperature': 2.0})
   c.replay = ml_collections.ConfigDict({'buffer_size': 200,
                                         'replay_batch_size': 32})
-  c.refresh = ml_collections.ConfigDict({
-      'base_method': 'ewc', 'base_hparams': {'strength': 30.0, 'num_samples': 256},
-      'num_samples': 256})
+  # 'ewc+refresh' builds its ewc member from c.ewc (strength 30, 256 samples) and its refresh
+  # member from c.refresh.
+  c.refresh = ml_collections.ConfigDict({'num_samples': 256})
   return c
 
 

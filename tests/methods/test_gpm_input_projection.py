@@ -9,11 +9,13 @@ import numpy as np
 import optax
 import pytest
 
+from cljax import core
 from cljax import models
 from cljax import sharding
 from cljax import training
-from cljax.methods import base
 from cljax.methods import projection
+
+KEY = jax.random.key(0)  # The loop's key (GPM draws nothing from it).
 
 
 def _orthonormal(d, k, seed):
@@ -52,7 +54,7 @@ def _task(n, seed, shape, k=4):
   rng = np.random.default_rng(seed)
   x = rng.random((n, *shape)).astype(np.float32)
   y = np.argmax(x.reshape(n, -1) @ rng.normal(size=(int(np.prod(shape)), k)), -1).astype(np.int32)
-  return base.Batch(x, y, np.ones((n, k), bool))
+  return core.Batch(x, y, np.ones((n, k), bool))
 
 
 def _train_both_modes(module, shape):
@@ -65,17 +67,22 @@ def _train_both_modes(module, shape):
   for mode in ('backward', 'gradients'):
     # Biases train too (freeze_others=False), so both modes are compared on every parameter.
     method = projection.gpm(threshold=0.9, num_samples=32, projection=mode, freeze_others=False)
-    assert (method.wrap_apply is not None) == (mode == 'backward')
-    state = method.end_task(params, method.init(params), _task(64, 0, shape), apply_fn)
+    assert (method.intercept is not None) == (mode == 'backward')
+    task0, task1 = _task(64, 0, shape), _task(96, 1, shape)
+    state = method.end_task(params, method.init(params), task0, apply_fn=apply_fn, key=KEY)
     assert min(int(r) for r in state.ranks) > 0
-    result = training.fit_task(apply_fn, method, optimizer, params, state, _task(96, 1, shape),
+    data = task1  # As `cljax.continual.run_stream` does: prepare_task, then fit_task.
+    if method.prepare_task is not None:
+      data = method.prepare_task(params, state, data, seen=[task0, task1], apply_fn=apply_fn,
+                                 key=KEY)
+    result = training.fit_task(apply_fn, method, optimizer, params, state, data,
                                epochs=1, batch_size=16, seed=0, mesh=mesh)
     out[mode] = result
   return params, out
 
 
 def test_mlp_steps_match_the_gradient_projection():
-  """In 'backward' mode dense0 trains from inputs projected once by prepare_data, dense1 from
+  """In 'backward' mode dense0 trains from inputs projected once by prepare_task, dense1 from
   inputs projected in the step (16 rows <= 16 outputs), the head's gradient in the step."""
   module = models.MLP(hidden=(16, 16), num_outputs=4, use_bias=True)
   params, out = _train_both_modes(module, (6, 6, 1))
@@ -92,19 +99,22 @@ def test_cnn_dense_layers_in_the_backward_pass_convs_on_the_gradient():
   chex.assert_trees_all_close(out['backward'].params, out['gradients'].params, atol=2e-6, rtol=1e-5)
 
 
-def test_prepare_data_projects_the_model_inputs_of_the_first_layer_only():
+def test_prepare_task_projects_the_model_inputs_of_the_first_layer_only():
   module = models.MLP(hidden=(16, 16), num_outputs=4, use_bias=True)
   apply_fn = models.linen_apply_fn(module)
   params = jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, 6, 6, 1)))['params']
   method = projection.gpm(threshold=0.9, num_samples=32)
-  state = method.end_task(params, method.init(params), _task(64, 0, (6, 6, 1)), apply_fn)
+  task0 = _task(64, 0, (6, 6, 1))
+  state = method.end_task(params, method.init(params), task0, apply_fn=apply_fn, key=KEY)
   data = _task(40, 1, (6, 6, 1))
-  prepared = method.prepare_data(params, state, data, apply_fn)
-  assert set(prepared.projected_inputs) == {'dense0/kernel'}  # dense1 reads hidden units.
+  prepared = method.prepare_task(params, state, data, seen=[task0, data], apply_fn=apply_fn,
+                                 key=KEY)
+  projected = prepared.aux[projection.PROJECTED_INPUTS]
+  assert set(projected) == {'dense0/kernel'}  # dense1 reads hidden units.
   k = int(state.ranks[0])
   q = np.asarray(state.bases[0], np.float64)[:, :k]
   x = data.x.reshape(40, -1).astype(np.float64)
-  np.testing.assert_allclose(prepared.projected_inputs['dense0/kernel'], x - x @ q @ q.T,
+  np.testing.assert_allclose(projected['dense0/kernel'], x - x @ q @ q.T,
                              atol=1e-5)
   np.testing.assert_array_equal(prepared.x, data.x)
   # A CNN's first protected layer is a conv, and its Dense layer reads conv features: nothing
@@ -113,8 +123,9 @@ def test_prepare_data_projects_the_model_inputs_of_the_first_layer_only():
   cnn_apply = models.linen_apply_fn(cnn)
   cnn_params = jax.jit(cnn.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 2)))['params']
   cnn_data = _task(8, 0, (8, 8, 2))
-  prepared = method.prepare_data(cnn_params, method.init(cnn_params), cnn_data, cnn_apply)
-  assert prepared.projected_inputs is None
+  prepared = method.prepare_task(cnn_params, method.init(cnn_params), cnn_data, seen=[cnn_data],
+                                 apply_fn=cnn_apply, key=KEY)
+  assert projection.PROJECTED_INPUTS not in prepared.aux
 
 
 def test_a_kernel_not_used_by_a_dense_layer_is_named():
@@ -130,7 +141,7 @@ def test_a_kernel_not_used_by_a_dense_layer_is_named():
                                        r"nn.Dense.*gpm.projection='gradients'"):
     training.fit_task(apply_fn, method, optax.sgd(0.1), params, method.init(params), data, **kwargs)
   method = projection.gpm(representation_fn=rep)  # Defaults to 'gradients' for such models.
-  assert method.wrap_apply is None
+  assert method.intercept is None
   training.fit_task(apply_fn, method, optax.sgd(0.1), params, method.init(params), data, **kwargs)
 
 
@@ -178,23 +189,23 @@ class _ClipModel(nn.Module):
 
 def _flat_task(n, seed, d=8, k=3):
   rng = np.random.default_rng(seed)
-  return base.Batch(rng.random((n, d)).astype(np.float32), rng.integers(0, k, n).astype(np.int32),
+  return core.Batch(rng.random((n, d)).astype(np.float32), rng.integers(0, k, n).astype(np.int32),
                     np.ones((n, k), bool))
 
 
 def _step_updates(module, method, params, state, batch):
   """What the training step feeds the optimizer: the loop's gradients, then the transform."""
   apply_fn = models.linen_apply_fn(module)
-  if method.prepare_data is not None:
-    batch = method.prepare_data(params, state, batch, apply_fn)
-  _, grads, _ = training._step_grads(apply_fn, method)(params, state, batch)
+  if method.prepare_task is not None:
+    batch = method.prepare_task(params, state, batch, seen=[batch], apply_fn=apply_fn, key=KEY)
+  _, _, grads, _ = training._step_grads(apply_fn, method)(params, state, batch, KEY)
   tx = method.gradient_transform(state)
   return tx.update(grads, tx.init(params), params)[0]
 
 
 @pytest.mark.parametrize('module, layers, scale_rows', [
     (_SuffixModel(), 'MLP_0/.*kernel', False),
-    # prepare_data sees the first two rows below the clip (the layer reads the model input
+    # prepare_task sees the first two rows below the clip (the layer reads the model input
     # there) and precomputes; the step's run-time check must catch the other rows.
     (_ClipModel(), '.*kernel', True),
 ])
@@ -209,9 +220,12 @@ def test_backward_mode_matches_gradients_mode_on_tricky_models(module, layers, s
   out = {}
   for mode in ('backward', 'gradients'):
     method = projection.gpm(layers=layers, threshold=0.9, num_samples=32, projection=mode)
-    state = method.end_task(params, method.init(params), _flat_task(32, 0), apply_fn)
+    state = method.end_task(params, method.init(params), _flat_task(32, 0), apply_fn=apply_fn,
+                            key=KEY)
     assert min(int(r) for r in state.ranks) > 0
     if scale_rows and mode == 'backward':
-      assert method.prepare_data(params, state, batch, apply_fn).projected_inputs is not None
+      prepared = method.prepare_task(params, state, batch, seen=[batch], apply_fn=apply_fn,
+                                     key=KEY)
+      assert projection.PROJECTED_INPUTS in prepared.aux
     out[mode] = _step_updates(module, method, params, state, batch)
   chex.assert_trees_all_close(out['backward'], out['gradients'], rtol=1e-4, atol=1e-6)

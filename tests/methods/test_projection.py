@@ -9,15 +9,16 @@ import numpy as np
 import optax
 import pytest
 
+from cljax import core
 from cljax import models
 from cljax import sharding
 from cljax import training
-from cljax.methods import base
 from cljax.methods import projection
 
 INPUT = (6, 6, 1)
 # One optimizer object: the jitted epoch is cached per (apply_fn, method, optimizer, mesh).
 SGD = optax.sgd(0.1)
+KEY = jax.random.key(0)  # A task's key for end_task (these methods draw nothing from it).
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,7 +37,7 @@ def _task(n, seed):
   rng = np.random.default_rng(seed)
   x = rng.random((n, *INPUT)).astype(np.float32)
   y = np.argmax(x.reshape(n, -1) @ rng.normal(size=(36, 4)), -1).astype(np.int32)
-  return base.Batch(x, y, np.ones((n, 4), bool))
+  return core.Batch(x, y, np.ones((n, 4), bool))
 
 
 def _orthonormal(d, k, seed):
@@ -59,13 +60,18 @@ def _energy_k(s, threshold):
   return int(np.searchsorted(ratio, threshold - 1e-12) + 1)
 
 
-def _fit(method, apply_fn, params, state, data, *, seed, epochs=2):
+def _fit(method, apply_fn, params, state, data, *, seed, epochs=2, seen=None):
+  """One task as `cljax.continual.run_stream` trains it: ``prepare_task`` (GPM projects its
+  first layer's inputs), then `training.fit_task`. ``seen``: every task's data up to this one."""
+  if method.prepare_task is not None:
+    data = method.prepare_task(params, state, data, seen=list(seen or [data]), apply_fn=apply_fn,
+                               key=KEY)
   return training.fit_task(apply_fn, method, SGD, params, state, data, epochs=epochs,
                            batch_size=16, seed=seed, mesh=sharding.make_mesh())
 
 
 def _mean_loss(apply_fn, params, data):
-  return float(base.cross_entropy(apply_fn(params, data.x), data.y, data.mask))
+  return float(core.cross_entropy(apply_fn(params, data.x), data.y, data.mask))
 
 
 # ---------------------------------------------------------------- rank-bucketed projection
@@ -209,7 +215,7 @@ def test_gpm_end_task_grows_bases_like_numpy_reference():
   shapes = jax.tree.map(jnp.shape, state)
   refs = [np.zeros((l.dim, 0)) for l in projection.protected_layers(params, '.*kernel', name='x')]
   for t, data in enumerate((_task(40, 0), _task(40, 1))):
-    state = method.end_task(params, state, data, apply_fn)
+    state = method.end_task(params, state, data, apply_fn=apply_fn, key=KEY)
     reps = projection.layer_representations(
         apply_fn, params, projection.sample_inputs(data, 12, seed=3, task=t))
     for i, key in enumerate(('dense0/kernel', 'dense1/kernel', 'head/kernel')):
@@ -227,7 +233,7 @@ def test_gpm_max_rank_caps_the_stored_bases():
   method = projection.gpm(threshold=1.0, num_samples=30, max_rank=5)
   state = method.init(params)
   assert [b.shape for b in state.bases] == [(36, 5), (16, 5), (16, 5)]
-  state = method.end_task(params, state, _task(40, 0), apply_fn)
+  state = method.end_task(params, state, _task(40, 0), apply_fn=apply_fn, key=KEY)
   assert [int(k) for k in state.ranks] == [5, 5, 5]
   for b in state.bases:
     np.testing.assert_allclose(b.T @ b, np.eye(5), atol=1e-5)
@@ -240,10 +246,10 @@ def test_gpm_end_task_errors_name_the_layer():
       'dense0/kernel': jnp.ones((35, 4)), 'dense1/kernel': jnp.ones((16, 4)),
       'head/kernel': jnp.ones((16, 4))})
   with pytest.raises(ValueError, match=r'dense0/kernel has shape \(35, 4\).*input dimension is 36'):
-    wrong_dim.end_task(params, wrong_dim.init(params), data, apply_fn)
+    wrong_dim.end_task(params, wrong_dim.init(params), data, apply_fn=apply_fn, key=KEY)
   missing = projection.gpm(representation_fn=lambda p, x: {'dense0/kernel': jnp.ones((36, 4))})
   with pytest.raises(ValueError, match='no representation for protected layer dense1/kernel'):
-    missing.end_task(params, missing.init(params), data, apply_fn)
+    missing.end_task(params, missing.init(params), data, apply_fn=apply_fn, key=KEY)
 
 
 def test_gpm_transform_rejects_a_state_of_another_model():
@@ -276,13 +282,13 @@ def test_gpm_keeps_old_task_outputs_and_learns_the_new_task():
   task_a, task_b = _task(256, 1), _task(256, 2)
   result = _fit(method, apply_fn, params, method.init(params), task_a, seed=0)
   params_a = result.params
-  state = method.end_task(params_a, result.method_state, task_a, apply_fn)
+  state = method.end_task(params_a, result.method_state, task_a, apply_fn=apply_fn, key=KEY)
   # 20 examples span 20 input directions; ReLU zeros cap the hidden ranks below 16 (their exact
   # count at threshold 1 depends on rounding: 14 or 13 for the head, from parameters equal to
   # 6e-8 in the two projection modes).
   ranks = [int(k) for k in state.ranks]
   assert ranks[0] == 20 and 12 <= ranks[1] <= 15 and 12 <= ranks[2] <= 15, ranks
-  result_b = _fit(method, apply_fn, params_a, state, task_b, seed=1)
+  result_b = _fit(method, apply_fn, params_a, state, task_b, seed=1, seen=[task_a, task_b])
   # With threshold 1 the bases span every sampled example's layer inputs, so those examples'
   # outputs do not move at all while the network trains on task B.
   old = projection.sample_inputs(task_a, 20, seed=0, task=0)
@@ -307,7 +313,7 @@ def test_osft_freezes_top_singular_directions_and_learns():
   task_a, task_b = _task(256, 1), _task(256, 2)
   result = _fit(method, apply_fn, params, method.init(params), task_a, seed=0)
   params_a = result.params
-  state = method.end_task(params_a, result.method_state, task_a, apply_fn)
+  state = method.end_task(params_a, result.method_state, task_a, apply_fn=apply_fn, key=KEY)
   assert [int(k) for k in state.ranks] == [8, 8, 2]
   assert jax.tree.map(jnp.shape, state) == jax.tree.map(jnp.shape, method.init(params))
   names = ('dense0', 'dense1', 'head')
@@ -317,7 +323,7 @@ def test_osft_freezes_top_singular_directions_and_learns():
     k = int(state.ranks[i])
     np.testing.assert_allclose(_projector(state.input_bases[i]), _projector(u[:, :k]), atol=1e-4)
     np.testing.assert_allclose(_projector(state.output_bases[i]), _projector(vt[:k].T), atol=1e-4)
-  result_b = _fit(method, apply_fn, params_a, state, task_b, seed=1)
+  result_b = _fit(method, apply_fn, params_a, state, task_b, seed=1, seen=[task_a, task_b])
   for i, name in enumerate(names):
     delta = np.asarray(result_b.params[name]['kernel'] - params_a[name]['kernel'])
     assert np.abs(delta).max() > 1e-2  # The layer did train ...
@@ -349,7 +355,8 @@ def test_coso_transform_and_sketch_match_numpy():
                          ranks=state.ranks.at[0].set(6))
   tx = method.gradient_transform(state)
   opt_state = tx.init(params)
-  update, after_step = jax.jit(tx.update), jax.jit(method.after_step)
+  update = jax.jit(tx.update)
+  state_update = jax.jit(lambda s, p, u, g: method.update(s, p, u, g, key=KEY))
   rng = np.random.default_rng(0)
   projector = None
   sketch = np.zeros((5, 36))
@@ -364,12 +371,12 @@ def test_coso_transform_and_sketch_match_numpy():
       sketch = _fd_reference(sketch, (u[:, :5] * s[:5]).T)
     np.testing.assert_allclose(out['dense0']['kernel'], projector @ (projector.T @ g_off),
                                atol=1e-4)
-    state = after_step(state, params, params, grads)
+    state = state_update(state, params, params, grads)
   fd = state.sketches[0]
   np.testing.assert_allclose(fd.sketch.T @ fd.sketch, sketch.T @ sketch, atol=1e-3)
   assert int(state.step) == 3 and int(opt_state.count) == 3
   # End of task: the sketch's leading directions (0.9 of its energy) join the history.
-  new_state = method.end_task(params, state, None, None)
+  new_state = method.end_task(params, state, None, apply_fn=None, key=KEY)
   _, s, vt = np.linalg.svd(sketch, full_matrices=False)
   k = _energy_k(s, 0.9)
   assert int(new_state.ranks[0]) == 6 + k
@@ -385,9 +392,9 @@ def test_coso_protects_the_historical_subspace_and_learns():
   task_a, task_b = _task(256, 1), _task(256, 2)
   result = _fit(method, apply_fn, params, method.init(params), task_a, seed=0)
   params_a = result.params
-  state = method.end_task(params_a, result.method_state, task_a, apply_fn)
+  state = method.end_task(params_a, result.method_state, task_a, apply_fn=apply_fn, key=KEY)
   assert all(0 < int(k) <= 8 for k in state.ranks)
-  result_b = _fit(method, apply_fn, params_a, state, task_b, seed=1)
+  result_b = _fit(method, apply_fn, params_a, state, task_b, seed=1, seen=[task_a, task_b])
   for i, name in enumerate(('dense0', 'dense1', 'head')):
     delta = np.asarray(result_b.params[name]['kernel'] - params_a[name]['kernel'])
     np.testing.assert_allclose(np.asarray(state.bases[i]).T @ delta, 0.0, atol=1e-5)

@@ -14,12 +14,14 @@ import numpy as np
 import optax
 import pytest
 
+from cljax import core
 from cljax import methods
 from cljax import training
-from cljax.methods import base
+from cljax import tree as tree_lib
 from cljax.methods import regularizers
 
 D, H, K, N = 3, 4, 3, 6
+KEY = jax.random.key(0)  # The loop's key; these methods draw nothing from it.
 
 
 def apply_fn(params, x, *, train=False, rngs=None):
@@ -41,7 +43,7 @@ def make_data(seed=1, n=N, mask=None, labels=None):
   x = rng.normal(size=(n, D)).astype(np.float32)
   y = rng.integers(0, K, size=n).astype(np.int32) if labels is None else np.asarray(labels, np.int32)
   m = np.ones((n, K), bool) if mask is None else np.broadcast_to(np.asarray(mask, bool), (n, K)).copy()
-  return base.Batch(x, y, m)
+  return core.Batch(x, y, m)
 
 
 # ---------------------------------------------------------------- numpy reference (float64)
@@ -108,6 +110,11 @@ def assert_tree_close(actual, expected, rtol=1e-5, atol=1e-6):
                               expected, rtol=rtol, atol=atol)
 
 
+def penalty(method, params, state):
+  """A penalty method's term: it reads neither the batch, the logits nor the key."""
+  return method.loss(params, state, None, logits=None, apply_fn=apply_fn, key=None)
+
+
 def shifted(params, scale=0.3, seed=5):
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda a: a + jnp.asarray(scale * rng.normal(size=a.shape), a.dtype), params)
@@ -118,13 +125,13 @@ def shifted(params, scale=0.3, seed=5):
 
 def test_param_paths_and_regex_selection():
   params = make_params()
-  paths = regularizers.param_paths(params)
+  paths = tree_lib.path_tree(params)
   assert paths == {'dense0': {'kernel': 'dense0/kernel', 'bias': 'dense0/bias'},
                    'head': {'kernel': 'head/kernel', 'bias': 'head/bias'}}
-  selected = regularizers.select_params(params, regularizers.compile_regex('x', '.*/kernel'), name='x')
+  selected = regularizers.select_params(params, '.*/kernel', name='x')
   assert selected == {'dense0': {'kernel': True, 'bias': False}, 'head': {'kernel': True, 'bias': False}}
   # Lists and tuples name their indices.
-  assert jax.tree.leaves(regularizers.param_paths({'layers': [jnp.ones(1), (jnp.ones(1),)]})) == [
+  assert jax.tree.leaves(tree_lib.path_tree({'layers': [jnp.ones(1), (jnp.ones(1),)]})) == [
       'layers/0', 'layers/1/0']
 
 
@@ -138,13 +145,13 @@ class L2Test(chex.TestCase):
     anchor, params = make_params(), shifted(make_params())
     method = regularizers.l2(strength=3.0, param_regex='dense0/.*')
     state = method.init(anchor)
-    loss = self.variant(lambda p, s: method.loss(p, s, None, apply_fn))
+    loss = self.variant(lambda p, s: penalty(method, p, s))
     np.testing.assert_allclose(loss(params, state), 0.0)  # No previous task yet.
-    state = method.end_task(anchor, state, None, apply_fn)
+    state = method.end_task(anchor, state, None, apply_fn=apply_fn, key=KEY)
     a, t = np_params(anchor), np_params(params)
     expected = 0.5 * 3.0 * sum(np.sum((t['dense0'][k] - a['dense0'][k]) ** 2) for k in ('kernel', 'bias'))
     np.testing.assert_allclose(loss(params, state), expected, rtol=1e-5)
-    grads = self.variant(jax.grad(lambda p, s: method.loss(p, s, None, apply_fn)))(params, state)
+    grads = self.variant(jax.grad(lambda p, s: penalty(method, p, s)))(params, state)
     expected_grads = {'dense0': jax.tree.map(lambda x, y: 3.0 * (x - y), t['dense0'], a['dense0']),
                       'head': jax.tree.map(np.zeros_like, t['head'])}
     assert_tree_close(grads, expected_grads)
@@ -152,11 +159,12 @@ class L2Test(chex.TestCase):
   def test_anchor_is_the_latest_task(self):
     method = regularizers.l2(strength=2.0)
     p0, p1, p2 = make_params(0), make_params(1), make_params(2)
-    state = method.end_task(p1, method.end_task(p0, method.init(p0), None, apply_fn), None, apply_fn)
+    state = method.end_task(p0, method.init(p0), None, apply_fn=apply_fn, key=KEY)
+    state = method.end_task(p1, state, None, apply_fn=apply_fn, key=KEY)
     chex.assert_trees_all_close(state.anchor, p1)
     expected = 0.5 * 2.0 * sum(np.sum((a - b) ** 2) for a, b in zip(
         jax.tree.leaves(np_params(p2)), jax.tree.leaves(np_params(p1))))
-    np.testing.assert_allclose(method.loss(p2, state, None, apply_fn), expected, rtol=1e-5)
+    np.testing.assert_allclose(penalty(method, p2, state), expected, rtol=1e-5)
 
 
 # ------------------------------------------------------------------ ewc: Fisher estimators
@@ -166,7 +174,7 @@ class L2Test(chex.TestCase):
 def test_ewc_end_task_fisher_matches_hand_computation(estimator):
   params, data = make_params(), make_data(mask=[True, False, True], labels=[0, 2, 2, 0, 0, 2])
   method = regularizers.ewc(strength=2.0, fisher_estimator=estimator, num_samples=100)
-  state = method.end_task(params, method.init(params), data, apply_fn)
+  state = method.end_task(params, method.init(params), data, apply_fn=apply_fn, key=KEY)
   assert_tree_close(state.fisher, np_fisher(np_params(params), data, estimator), rtol=1e-4, atol=1e-7)
   # Outputs outside the mask carry no Fisher in the head.
   np.testing.assert_allclose(state.fisher['head']['bias'][1], 0.0, atol=1e-12)
@@ -178,7 +186,7 @@ def test_ewc_sampled_fisher_averages_to_the_exact_one():
   reps = 4000
   data = jax.tree.map(lambda a: np.repeat(a, reps, axis=0), one)
   method = regularizers.ewc(fisher_estimator='sampled', num_samples=reps, fisher_batch_size=500)
-  sampled = method.end_task(params, method.init(params), data, apply_fn).fisher
+  sampled = method.end_task(params, method.init(params), data, apply_fn=apply_fn, key=KEY).fisher
   p = np_params(params)
   exact = np_fisher(p, one, 'exact')
   probs = np_masked_probs(p, one)[0]
@@ -199,15 +207,15 @@ class OnlineEWCTest(chex.TestCase):
     p1, p2, theta = make_params(0), make_params(1), make_params(2)
     d1, d2 = make_data(seed=3), make_data(seed=4)
     method = regularizers.online_ewc(strength=5.0, gamma=0.7, num_samples=100)
-    state = method.end_task(p1, method.init(p1), d1, apply_fn)
-    state = method.end_task(p2, state, d2, apply_fn)
+    state = method.end_task(p1, method.init(p1), d1, apply_fn=apply_fn, key=KEY)
+    state = method.end_task(p2, state, d2, apply_fn=apply_fn, key=KEY)
     f = jax.tree.map(lambda a, b: 0.7 * a + b, np_fisher(np_params(p1), d1, 'exact'),
                      np_fisher(np_params(p2), d2, 'exact'))
     assert_tree_close(state.fisher, f, rtol=1e-4, atol=1e-7)
     chex.assert_trees_all_close(state.anchor, p2)
     expected = 0.5 * 5.0 * sum(np.sum(fl * (t - a) ** 2) for fl, t, a in zip(
         jax.tree.leaves(f), jax.tree.leaves(np_params(theta)), jax.tree.leaves(np_params(p2))))
-    loss = self.variant(lambda p, s: method.loss(p, s, None, apply_fn))(theta, state)
+    loss = self.variant(lambda p, s: penalty(method, p, s))(theta, state)
     np.testing.assert_allclose(loss, expected, rtol=1e-4)
 
 
@@ -224,14 +232,14 @@ class SITest(chex.TestCase):
     state = method.init(theta0)
     trajectory = [theta0, shifted(theta0, 0.1, 1), shifted(theta0, 0.2, 2)]
     grads = [shifted(jax.tree.map(jnp.zeros_like, theta0), 1.0, s) for s in (3, 4)]
-    after_step = self.variant(method.after_step)
+    update = self.variant(lambda s, p, u, g: method.update(s, p, u, g, key=KEY))
     for old, new, g in zip(trajectory, trajectory[1:], grads):
-      state = after_step(state, old, jax.tree.map(jnp.subtract, new, old), g)
+      state = update(state, old, jax.tree.map(jnp.subtract, new, old), g)
     t = [np_params(p) for p in trajectory]
     g = [np_params(x) for x in grads]
     omega = jax.tree.map(lambda t0, t1, t2, g0, g1: -g0 * (t1 - t0) - g1 * (t2 - t1), *t, *g)
     assert_tree_close(state.omega, omega)
-    state = method.end_task(trajectory[-1], state, None, apply_fn)
+    state = method.end_task(trajectory[-1], state, None, apply_fn=apply_fn, key=KEY)
     importance = jax.tree.map(lambda w, t0, t2: w / ((t2 - t0) ** 2 + xi), omega, t[0], t[2])
     assert_tree_close(state.importance, importance, rtol=1e-4)
     assert_tree_close(state.omega, jax.tree.map(np.zeros_like, omega))
@@ -239,7 +247,7 @@ class SITest(chex.TestCase):
     theta = make_params(7)
     expected = c * sum(np.sum(w * (x - a) ** 2) for w, x, a in zip(
         jax.tree.leaves(importance), jax.tree.leaves(np_params(theta)), jax.tree.leaves(t[2])))
-    loss = self.variant(lambda p, s: method.loss(p, s, None, apply_fn))(theta, state)
+    loss = self.variant(lambda p, s: penalty(method, p, s))(theta, state)
     np.testing.assert_allclose(loss, expected, rtol=1e-4)
 
   def test_training_loop_feeds_the_unregularized_gradient(self):
@@ -296,13 +304,14 @@ class MASTest(chex.TestCase):
     p1, p2, theta = make_params(0), make_params(1), make_params(2)
     d1, d2 = make_data(seed=3), make_data(seed=4)
     method = regularizers.mas(strength=0.7, num_samples=100)
-    state = method.end_task(p2, method.end_task(p1, method.init(p1), d1, apply_fn), d2, apply_fn)
+    state = method.end_task(p1, method.init(p1), d1, apply_fn=apply_fn, key=KEY)
+    state = method.end_task(p2, state, d2, apply_fn=apply_fn, key=KEY)
     omega = jax.tree.map(np.add, np_mas_importance(np_params(p1), d1), np_mas_importance(np_params(p2), d2))
     assert_tree_close(state.importance, omega, rtol=1e-4, atol=1e-7)
     chex.assert_trees_all_close(state.anchor, p2)
     expected = 0.7 * sum(np.sum(w * (t - a) ** 2) for w, t, a in zip(
         jax.tree.leaves(omega), jax.tree.leaves(np_params(theta)), jax.tree.leaves(np_params(p2))))
-    loss = self.variant(lambda p, s: method.loss(p, s, None, apply_fn))(theta, state)
+    loss = self.variant(lambda p, s: penalty(method, p, s))(theta, state)
     np.testing.assert_allclose(loss, expected, rtol=1e-4)
 
 
@@ -366,7 +375,7 @@ class LwFTest(chex.TestCase):
 
     def task(labels, mask):
       x = rng.normal(size=(len(labels), D)).astype(np.float32)
-      return base.Batch(x, np.asarray(labels, np.int32), np.broadcast_to(mask, (len(labels), k)).copy())
+      return core.Batch(x, np.asarray(labels, np.int32), np.broadcast_to(mask, (len(labels), k)).copy())
 
     everything = np.ones(k, bool)
     if scenario == 'domain':  # Every task uses every class.
@@ -386,23 +395,32 @@ class LwFTest(chex.TestCase):
     method = regularizers.lwf(strength=1.5, temperature=2.0)
     state = method.init(params[0])
     self.assertEqual(state.old_outputs.shape, (k,))
-    distill = lambda p, s, b: method.output_loss(apply_fn(p, b.x, train=True), s, b, apply_fn)
+    distill = lambda p, s, b: method.loss(p, s, b, logits=apply_fn(p, b.x, train=True),
+                                          apply_fn=apply_fn, key=KEY)
     np.testing.assert_allclose(distill(params[0], state, tasks[0]), 0.0)  # Task 0.
     for t in range(2):
-      state = method.end_task(params[t], state, tasks[t], apply_fn)
+      state = method.end_task(params[t], state, tasks[t], apply_fn=apply_fn, key=KEY)
     z = np_forward(np_params(params[2]), tasks[2].x)[2]
     z_old = np_forward(np_params(params[1]), tasks[2].x)[2]
     expected = 1.5 * np_kd(z, z_old, expected_groups, 2.0)
-    # Without recorded responses the old model runs on the batch; with them (prepare_data, as
+    # Without recorded responses the old model runs on the batch; with them (prepare_task, as
     # the training loop calls it before the task) they are the old model's outputs.
     np.testing.assert_allclose(self.variant(distill)(params[2], state, tasks[2]), expected,
                                rtol=1e-5)
-    prepared = method.prepare_data(params[2], state, tasks[2], apply_fn)
-    np.testing.assert_allclose(prepared.teacher_logits, z_old, rtol=1e-5, atol=1e-5)
+    prepared = method.prepare_task(params[2], state, tasks[2], seen=tasks, apply_fn=apply_fn,
+                                   key=KEY)
+    np.testing.assert_allclose(prepared.aux[regularizers.TEACHER_LOGITS], z_old, rtol=1e-5,
+                               atol=1e-5)
     np.testing.assert_array_equal(prepared.x, tasks[2].x)
     np.testing.assert_allclose(self.variant(distill)(params[2], state, prepared), expected,
                                rtol=1e-5)
-    np.testing.assert_allclose(method.loss(params[2], state, prepared, apply_fn), 0.0)
+    # The term acts through the loop's logits only (LwF's weight-space term was 0 in the old
+    # contract): with the logits fixed, its gradient in the parameters is 0, so the step's one
+    # backward pass does not count the distillation twice.
+    fixed = jnp.asarray(z, jnp.float32)
+    grads = jax.grad(lambda p: method.loss(p, state, prepared, logits=fixed, apply_fn=apply_fn,
+                                           key=KEY))(params[2])
+    assert_tree_close(grads, jax.tree.map(np.zeros_like, np_params(params[2])), atol=0.0)
 
 
 # -------------------------------------------------------------------- shared: state, errors
@@ -412,7 +430,7 @@ def _consolidate_twice(method, params, data):
   state = method.init(params)
   shapes = jax.tree.map(lambda a: (a.shape, a.dtype), state)
   for seed in (3, 4):
-    state = method.end_task(shifted(params, 0.1, seed), state, data, apply_fn)
+    state = method.end_task(shifted(params, 0.1, seed), state, data, apply_fn=apply_fn, key=KEY)
   return shapes, jax.tree.map(lambda a: (a.shape, a.dtype), state)
 
 

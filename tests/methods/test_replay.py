@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 
 from cljax import checkpoint
+from cljax import core
 from cljax.runners import continual as experiment
 from cljax import methods
 from cljax import training
-from cljax.methods import base
 from cljax.methods import replay as replay_lib
 
 K = 3
 SHAPE = (2, 2, 1)
+KEY = jax.random.key(0)  # A task's key, as `cljax.continual.run_stream` hands it to the hooks.
 
 
 def apply_fn(params, x, *, train=False, rngs=None):
@@ -36,7 +37,7 @@ def make_task(start, n, *, mask=(True, True, True)):
   """n examples whose inputs encode their stream index (start + i), for tracing them."""
   ids = np.arange(start, start + n)
   x = np.broadcast_to(ids[:, None, None, None], (n, *SHAPE)).astype(np.float32)
-  return base.Batch(x, (ids % K).astype(np.int32), np.broadcast_to(np.asarray(mask), (n, K)).copy())
+  return core.Batch(x, (ids % K).astype(np.int32), np.broadcast_to(np.asarray(mask), (n, K)).copy())
 
 
 def sequential_reservoir(buffer_size, draws_per_task, sizes):
@@ -112,7 +113,8 @@ def test_buffer_is_bounded_and_holds_seen_examples():
   assert state.x.shape == (10, *SHAPE) and state.mask.shape == (10, K)
   start = 0
   for t, n in enumerate([6, 25, 40]):
-    state = method.end_task(params, state, make_task(start, n), apply_fn)
+    state = method.end_task(params, state, make_task(start, n), apply_fn=apply_fn,
+                            key=jax.random.fold_in(KEY, t))
     start += n
     assert jax.tree.map(lambda a: (a.shape, a.dtype), state) == shapes  # Never grows.
     assert int(state.seen) == start
@@ -125,7 +127,8 @@ def test_buffer_is_bounded_and_holds_seen_examples():
 
 def test_buffer_first_task_fills_in_order():
   method = replay_lib.replay(buffer_size=4, input_shape=SHAPE)
-  state = method.end_task(make_params(), method.init(make_params()), make_task(0, 3), apply_fn)
+  state = method.end_task(make_params(), method.init(make_params()), make_task(0, 3),
+                          apply_fn=apply_fn, key=KEY)
   np.testing.assert_array_equal(np.asarray(state.x)[:3, 0, 0, 0], [0, 1, 2])
   assert int(state.seen) == 3
 
@@ -133,7 +136,8 @@ def test_buffer_first_task_fills_in_order():
 def test_end_task_rejects_mismatched_data():
   method = replay_lib.replay(buffer_size=4, input_shape=(3, 3, 1))
   with pytest.raises(ValueError, match='replay.input_shape'):
-    method.end_task(make_params(), method.init(make_params()), make_task(0, 3), apply_fn)
+    method.end_task(make_params(), method.init(make_params()), make_task(0, 3), apply_fn=apply_fn,
+                    key=KEY)
 
 
 # --------------------------------------------------------------------------- method: loss
@@ -146,13 +150,15 @@ class ReplayLossTest(chex.TestCase):
     method = replay_lib.replay(buffer_size=8, input_shape=SHAPE, replay_batch_size=5, strength=0.7)
     params = make_params()
     state = method.init(params)
-    loss = self.variant(lambda p, s: method.loss(p, s, None, apply_fn))
-    np.testing.assert_allclose(loss(params, state), 0.0)  # Empty buffer: no term.
+    step_key = jax.random.key(7)  # The loop's key for this step.
+    loss = self.variant(lambda p, s, k: method.loss(p, s, None, logits=None, apply_fn=apply_fn,
+                                                    key=k))
+    np.testing.assert_allclose(loss(params, state, step_key), 0.0)  # Empty buffer: no term.
     task = make_task(0, 6, mask=(True, False, True))
     task = task._replace(y=np.where(task.y == 1, 2, task.y).astype(np.int32))
-    state = method.end_task(params, state, task, apply_fn)
-    _, sample_key = jax.random.split(jax.random.wrap_key_data(state.key))
-    memory = replay_lib.replay_batch(state, sample_key, 5)
+    state = method.end_task(params, state, task, apply_fn=apply_fn, key=KEY)
+    # The step's replay minibatch is drawn with fold_in(step key, seed) (seed 0 here).
+    memory = replay_lib.replay_batch(state, jax.random.fold_in(step_key, 0), 5)
     # The sampled rows are stored examples (slots 0..5), each with its label and mask.
     ids = np.asarray(memory.x)[:, 0, 0, 0].astype(int)
     assert np.all(ids < 6)
@@ -163,30 +169,43 @@ class ReplayLossTest(chex.TestCase):
     logits = np.where(np.asarray(memory.mask), logits, -np.inf)
     logp = logits - np.log(np.sum(np.exp(logits), axis=-1, keepdims=True))
     expected = -0.7 * np.mean(logp[np.arange(5), np.asarray(memory.y)])
-    np.testing.assert_allclose(loss(params, state), expected, rtol=1e-5)
+    np.testing.assert_allclose(loss(params, state, step_key), expected, rtol=1e-5)
 
   @chex.variants(with_jit=True, without_jit=True)
-  def test_sampling_uses_filled_slots_and_after_step_advances_the_key(self):
-    method = replay_lib.replay(buffer_size=50, input_shape=SHAPE, replay_batch_size=64)
+  def test_sampling_uses_filled_slots_and_each_step_key_draws_afresh(self):
+    # Replay has no per-step hook (one backward pass): the minibatch is drawn from the loop's
+    # per-step key, fold_in(task key, step), folded with the seed.
+    method = replay_lib.replay(buffer_size=50, input_shape=SHAPE, replay_batch_size=64, seed=3)
+    assert method.update is None
     params = make_params()
-    state = method.end_task(params, method.init(params), make_task(0, 7), apply_fn)
-    after_step = self.variant(method.after_step)
-    samples = []
-    for _ in range(3):
-      _, key = jax.random.split(jax.random.wrap_key_data(state.key))
-      samples.append(np.asarray(replay_lib.replay_batch(state, key, 64).x)[:, 0, 0, 0])
-      state = after_step(state, params, params, params)
+    state = method.end_task(params, method.init(params), make_task(0, 7), apply_fn=apply_fn,
+                            key=KEY)
+    draw = self.variant(lambda s, k: replay_lib.replay_batch(s, jax.random.fold_in(k, 3), 64).x)
+    loss = self.variant(lambda p, s, k: method.loss(p, s, None, logits=None, apply_fn=apply_fn,
+                                                    key=k))
+    task_key = jax.random.key(11)
+    step_keys = [jax.random.fold_in(task_key, step) for step in range(3)]
+    samples = [np.asarray(draw(state, k))[:, 0, 0, 0] for k in step_keys]
     for s in samples:
       assert set(s.astype(int)) <= set(range(7))  # Only the 7 filled slots (of 50).
     assert not np.array_equal(samples[0], samples[1])
+    # The loss replays exactly those draws: its value at a step key is the cross-entropy of
+    # that step's sample, so different steps see different replay minibatches.
+    for k, s in zip(step_keys, samples):
+      memory = core.Batch(jnp.asarray(np.broadcast_to(s[:, None, None, None], (64, *SHAPE))),
+                          jnp.asarray(s.astype(np.int32) % K), jnp.ones((64, K), bool))
+      want = core.cross_entropy(apply_fn(params, memory.x), memory.y, memory.mask)
+      np.testing.assert_allclose(loss(params, state, k), want, rtol=1e-5)
 
 
 def test_zero_buffer_is_finetune():
   method = replay_lib.replay(buffer_size=0, input_shape=SHAPE)
   params = make_params()
-  state = method.end_task(params, method.init(params), make_task(0, 5), apply_fn)
+  state = method.end_task(params, method.init(params), make_task(0, 5), apply_fn=apply_fn,
+                          key=KEY)
   assert state.x.shape[0] == 0 and int(state.seen) == 5
-  np.testing.assert_allclose(method.loss(params, state, None, apply_fn), 0.0)
+  np.testing.assert_allclose(
+      method.loss(params, state, None, logits=None, apply_fn=apply_fn, key=KEY), 0.0)
 
 
 @pytest.mark.parametrize('hparams, match', [
@@ -212,12 +231,12 @@ def test_input_shape_comes_from_the_experiment():
   assert methods.get('replay', {'input_shape': SHAPE}, input_shape=SHAPE) is not None
   with pytest.raises(ValueError, match=r'replay.input_shape is \(9, 9, 1\) but the stream'):
     methods.get('replay', {'input_shape': (9, 9, 1)}, input_shape=SHAPE)
-  # Refresh passes it on to the replay it wraps.
-  wrapped = methods.get('refresh', {'base_method': 'replay', 'base_hparams': {'buffer_size': 4}},
+  # A chain passes it on to its replay member (refresh around replay).
+  chained = methods.get('replay+refresh', blocks={'replay': {'buffer_size': 4}},
                         input_shape=SHAPE)
-  assert wrapped.init(make_params()).inner.x.shape == (4, *SHAPE)
+  assert chained.init(make_params())[0].x.shape == (4, *SHAPE)
   # Methods without the hyperparameter ignore the stream's shape.
-  assert methods.get('si', {}, input_shape=SHAPE).after_step is not None
+  assert methods.get('si', {}, input_shape=SHAPE).update is not None
 
 
 # ------------------------------------------------------------------------ checkpoint, resume
@@ -227,8 +246,9 @@ def test_buffer_round_trips_through_a_stage_checkpoint(tmp_path):
   method = replay_lib.replay(buffer_size=6, input_shape=SHAPE)
   params = make_params()
   state = method.init(params)
-  for start, n in ((0, 4), (4, 9)):
-    state = method.end_task(params, state, make_task(start, n), apply_fn)
+  for t, (start, n) in enumerate(((0, 4), (4, 9))):
+    state = method.end_task(params, state, make_task(start, n), apply_fn=apply_fn,
+                            key=jax.random.fold_in(KEY, t))
   with checkpoint.StageCheckpointer(str(tmp_path / 'ckpt')) as ckpt:
     ckpt.save(2, {'method_state': state}, {'note': 'replay'})
   with checkpoint.StageCheckpointer(str(tmp_path / 'ckpt')) as ckpt:
