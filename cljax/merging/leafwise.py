@@ -122,3 +122,31 @@ def check_scaling(value: Any, name: str = 'scaling') -> jax.Array:
   if not validation.is_traced(value):
     validation.check_finite_scalar(value, name=name)
   return jnp.asarray(value, jnp.float32)
+
+
+def matrix_flags(base: Params, prepared: Prepared, average_only: tvlib.Exclude) -> list:
+  """Per merged leaf, whether an SVD-based merge treats it as a matrix.
+
+  A merged leaf is a matrix when it is 2-D and its path matches none of the ``average_only``
+  regexes (`re.fullmatch` on '/'-joined paths, as ``exclude``; the authors of TSV-M and Iso
+  keep CLIP's ``text_projection`` out this way). Other leaves are averaged.
+
+  Raises:
+    ValueError: an ``average_only`` pattern that matches no leaf (the error lists paths).
+  """
+  svd_ok = [m for m, keep in zip(jax.tree.leaves(tvlib.merge_mask(base, average_only)),
+                                 jax.tree.leaves(prepared.mask)) if keep]
+  return [is_matrix(b) and ok for b, ok in zip(prepared.base, svd_ok)]
+
+
+def mean_task_vector(prepared: Prepared, j: int) -> jax.Array:
+  """The mean over models of leaf j's task vectors."""
+  b = prepared.base[j]
+  return sum(m[j] - b for m in prepared.models) / len(prepared.models)
+
+
+def polar(x: jax.Array) -> jax.Array:
+  """The orthogonal polar factor U V^T of x = U S V^T (thin SVD): the nearest matrix with
+  orthonormal columns (rows, if wider than tall) in Frobenius norm."""
+  u, _, vt = jnp.linalg.svd(x, full_matrices=False)
+  return u @ vt
