@@ -49,6 +49,7 @@ def _ranks(x: jax.Array, axis: int) -> jax.Array:
   return jnp.argsort(order, axis=axis, stable=True) + 1
 
 
+@functools.partial(jax.jit, static_argnames=('density', 'gamma'))
 def breadcrumbs_mask(tv: jax.Array, *, density: float, gamma: float) -> jax.Array:
   """The Breadcrumbs mask of one leaf: True on the entries kept.
 
@@ -60,8 +61,8 @@ def breadcrumbs_mask(tv: jax.Array, *, density: float, gamma: float) -> jax.Arra
 
   Args:
     tv: a float array (one leaf of a task vector), any shape.
-    density: fraction of entries kept, in [0, 1].
-    gamma: fraction of the largest magnitudes dropped, in [0, 1].
+    density: fraction of entries kept, in [0, 1] (static).
+    gamma: fraction of the largest magnitudes dropped, in [0, 1] (static).
 
   Returns:
     A bool array of tv's shape.
@@ -138,6 +139,7 @@ def _unit_view(x: jax.Array, granularity: str) -> jax.Array:
   return x.reshape(-1, 1)
 
 
+@functools.partial(jax.jit, static_argnames=('density', 'epsilon', 'granularity'))
 def magprune_probabilities(tv: jax.Array, *, density: float, epsilon: float,
                            granularity: str = 'row') -> jax.Array:
   """DELLA's keep probabilities of one leaf: linear in the magnitude rank.
@@ -153,7 +155,7 @@ def magprune_probabilities(tv: jax.Array, *, density: float, epsilon: float,
     density: mean keep probability, in (0, 1).
     epsilon: half-width of the probabilities, with density +- epsilon inside (0, 1).
     granularity: 'row' (per output unit: the last axis of >= 2-D leaves; PyTorch rows in
-      mergekit) or 'tensor' (the whole leaf).
+      mergekit) or 'tensor' (the whole leaf). All three are static.
 
   Returns:
     float32 probabilities of tv's shape.
@@ -187,23 +189,22 @@ def della_task_vectors(key: jax.Array, tvs: Sequence[Sequence[jax.Array]], *, de
   Returns:
     Per model, its pruned leaves.
   """
-  out = []
-  for i, tv in enumerate(tvs):
-    pruned = []
-    for j, t in enumerate(tv):
-      probs = magprune_probabilities(t, density=density, epsilon=epsilon,
-                                     granularity=granularity)
-      keep = jax.random.uniform(_della_keys(key, i, j), t.shape) < probs
-      kept = jnp.where(keep, t, 0.0)
-      if rescale == 'inverse_probability':
-        kept = kept / probs
-      elif rescale == 'l1':
-        before, after = jnp.sum(jnp.abs(t)), jnp.sum(jnp.abs(kept))
-        ok = (before >= 1e-7) & (after >= 1e-7)
-        kept = jnp.where(ok, kept * before / jnp.where(ok, after, 1.0), kept)
-      pruned.append(kept)
-    out.append(pruned)
-  return out
+  return [[_magprune_leaf(_della_keys(key, i, j), t, density=density, epsilon=epsilon,
+                         rescale=rescale, granularity=granularity) for j, t in enumerate(tv)]
+          for i, tv in enumerate(tvs)]
+
+
+@functools.partial(jax.jit, static_argnames=('density', 'epsilon', 'rescale', 'granularity'))
+def _magprune_leaf(key, t, *, density, epsilon, rescale, granularity):
+  probs = magprune_probabilities(t, density=density, epsilon=epsilon, granularity=granularity)
+  kept = jnp.where(jax.random.uniform(key, t.shape) < probs, t, 0.0)
+  if rescale == 'inverse_probability':
+    kept = kept / probs
+  elif rescale == 'l1':
+    before, after = jnp.sum(jnp.abs(t)), jnp.sum(jnp.abs(kept))
+    ok = (before >= 1e-7) & (after >= 1e-7)
+    kept = jnp.where(ok, kept * before / jnp.where(ok, after, 1.0), kept)
+  return kept
 
 
 def della(base: Params, finetuned: Sequence[Params], *, key: jax.Array, density: float,
