@@ -5,7 +5,7 @@ With task vectors tau_t and a merged multi-task vector tau_MTL (task arithmetic'
 TIES's merged vector), the TALL mask of task t keeps the entries where the merged model is
 closer to the finetuned model than the base is, up to lambda_t:
 
-  m_t = 1{ |tau_t| > lambda_t |tau_MTL - tau_t| }      (|theta_0 - theta_t| vs |theta_MTL - theta_t|)
+  m_t = 1{ |tau_t| > lambda_t |tau_MTL - tau_t| }   (|theta_0 - theta_t| vs |theta_MTL - theta_t|)
 
 (strict, as the authors' code; the paper writes >=). The consensus mask keeps the entries used
 by at least k tasks, m = 1{ sum_t m_t >= k } (k = 2 drops "catastrophic" weights used by no

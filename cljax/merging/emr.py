@@ -15,7 +15,7 @@ EMR does not return one merged model: `emr` returns the unified vector and the m
 (`EMRResult`); evaluation applies task t's modulator for task t.
 
 References:
-  Huang, Ye, Li, Lu, Chen & Kuang, "EMR-Merging: Tuning-Free High-Performance Model Merging",
+  Huang et al., "EMR-Merging: Tuning-Free High-Performance Model Merging",
   NeurIPS 2024 (elect, mask, rescale).
   FusionBench ``method/emr_merging/utils.py`` (``emr_merge``: sign with zeros negative, per-leaf
   mean magnitudes summed for the rescalers).

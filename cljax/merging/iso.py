@@ -18,11 +18,11 @@ so it depends on the layout: ``kernel_layout='in_out'`` (Flax / Haiku Dense, ``y
 transposes the kernel into the authors' layout and back.
 
 References:
-  Marczak, Magistri, Cygert, Twardowski, Bagdanov & van de Weijer, "No Task Left Behind:
-  Isotropic Model Merging with Common and Task-Specific Subspaces", ICML 2025 (Iso-C: the
-  merged matrix with its spectrum replaced by its mean; Iso-CTS: common and task-specific
-  subspaces), and the authors' ``iso_c`` / ``iso_cts`` (FusionBench
-  ``method/isotropic_merging``: common_space_fraction 0.8, task-specific space divisible by T).
+  Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and
+  Task-Specific Subspaces", ICML 2025 (Iso-C: the merged matrix with its spectrum replaced by
+  its mean; Iso-CTS: common and task-specific subspaces), and the authors' ``iso_c`` /
+  ``iso_cts`` (FusionBench ``method/isotropic_merging``: common_space_fraction 0.8, the
+  task-specific space divisible by T).
 """
 
 from __future__ import annotations

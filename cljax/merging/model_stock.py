@@ -6,12 +6,13 @@ cos(theta) is the mean over pairs i < j of cos(w_i - w_0, w_j - w_0), and
 
   t = k cos(theta) / (1 + (k - 1) cos(theta)),    w_H = t * mean_i w_i + (1 - t) * w_0
 
-(Jang et al., Sec. 3: the ratio for k models sharing one angle theta; for k > 2 the paper does
-not say how theta is measured, and the mean of the pairwise cosines is mergekit's reading). Excluded leaves keep the base's value.
+(Jang et al.: the layer-wise ratio for k models sharing one angle theta; for k > 2 the paper
+does not say how theta is measured, and the mean of the pairwise cosines is mergekit's
+reading). Excluded leaves keep the base's value.
 
 References:
-  Jang, Yun & Han, "Model Stock: All we need is just a few fine-tuned models", ECCV 2024,
-  Sec. 3 (t = k cos(theta) / (1 + (k - 1) cos(theta))).
+  Jang, Yun & Han, "Model Stock: All we need is just a few fine-tuned models", ECCV 2024
+  (arXiv 2403.19522): the interpolation ratio t = k cos(theta) / (1 + (k - 1) cos(theta)).
   mergekit ``merge_methods/model_stock.py`` (pairwise mean of cosines, norm product clamped at
   1e-6, ``filter_wise`` option).
 """
@@ -78,7 +79,7 @@ def model_stock(base: Params, finetuned: Sequence[Params], *, filter_wise: bool 
       cos(theta) = -1 / (k - 1)).
 
   References:
-    Jang et al., ECCV 2024, Sec. 3; mergekit ``model_stock.py``.
+    Jang et al., ECCV 2024 (the ratio t); mergekit ``model_stock.py``.
   """
   p = leafwise.prepare(base, finetuned, exclude, min_models=2, method='model_stock')
   merged = [_stock_leaf(b, [m[j] for m in p.models], filter_wise=bool(filter_wise))

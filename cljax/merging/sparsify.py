@@ -14,10 +14,10 @@ Excluded leaves keep the base's value and take no part in any ranking.
 
 References:
   Davari & Belilovsky, "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks",
-  ECCV 2024, Sec. 3 (per-layer mask removing the largest and the smallest magnitudes;
+  ECCV 2024 (the per-layer mask removing the largest and the smallest magnitudes;
   theta = theta_0 + alpha sum_t m_t * tau_t).
   Deep et al., "DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based
-  Sampling", arXiv 2406.11617, Sec. 3 (MagPrune: rank-linear drop probabilities, rescaling by
+  Sampling", arXiv 2406.11617 (MagPrune: per-node rank-linear drop probabilities, rescaling by
   1 / (1 - p_i); elect; fuse).
   mergekit ``sparsify.py`` (``magnitude_outliers``, ``della_magprune``) and
   ``generalized_task_arithmetic.py`` (sign consensus and normalized sum).
@@ -118,7 +118,7 @@ def breadcrumbs(base: Params, finetuned: Sequence[Params], *, density: float, sc
       [0, 1], an unknown merge, a non-finite scaling, an exclude pattern matching nothing.
 
   References:
-    Davari & Belilovsky, ECCV 2024, Sec. 3; mergekit ``sparsify.magnitude_outliers``.
+    Davari & Belilovsky, ECCV 2024 (the mask); mergekit ``sparsify.magnitude_outliers``.
   """
   density = validation.check_fraction(density, name='density')
   gamma = validation.check_fraction(gamma, name='gamma')
@@ -238,7 +238,7 @@ def della(base: Params, finetuned: Sequence[Params], *, key: jax.Array, density:
       matching nothing.
 
   References:
-    Deep et al., arXiv 2406.11617, Sec. 3 (MagPrune, elect, fuse); mergekit
+    Deep et al., arXiv 2406.11617 (MagPrune, elect, fuse); mergekit
     ``sparsify.della_magprune``.
   """
   density = validation.check_interval(density, name='density', low=0.0, high=1.0, low_open=True,

@@ -1,4 +1,4 @@
-"""Tests for cljax.merging.sparsify (Breadcrumbs, DELLA): hand cases and float64 NumPy references."""
+"""Tests for cljax.merging.sparsify (Breadcrumbs, DELLA): by hand and float64 NumPy references."""
 
 from __future__ import annotations
 
