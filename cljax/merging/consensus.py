@@ -122,7 +122,8 @@ def consensus_mask(masks: Sequence[Params], *, k: int = 2) -> Params:
 
 
 def consensus(base: Params, finetuned: Sequence[Params], *, scaling: float,
-              lambdas: Union[float, Sequence[float]], k: int = 2, merge: str = 'task_arithmetic',
+              lambdas: Union[float, Sequence[float]] = 0.6, k: int = 2,
+              merge: str = 'task_arithmetic',
               density: float = 0.2, reduce: str = 'mean',
               exclude: tvlib.Exclude = None) -> Params:
   """Consensus merging: ``base + scaling * consensus_mask * tau_MTL``.
@@ -134,7 +135,8 @@ def consensus(base: Params, finetuned: Sequence[Params], *, scaling: float,
     base: base params, a pytree of float arrays.
     finetuned: n >= 1 params pytrees with base's structure, shapes and dtypes.
     scaling: alpha, a finite scalar (chosen on held-out data; may be traced).
-    lambdas: the TALL masks' lambda_t (one or per model).
+    lambdas: the TALL masks' lambda_t (one or per model; default 0.6, FusionBench's
+      ``tall_mask_lambda``; the authors choose each task's on its validation set).
     k: the consensus threshold (the paper's default 2).
     merge: 'task_arithmetic' or 'ties'.
     density, reduce: TIES's, when ``merge='ties'``.

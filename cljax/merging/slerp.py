@@ -1,8 +1,9 @@
 """Spherical interpolation merges: SLERP, NuSLERP and multi-model SLERP, as mergekit defines them.
 
-  * `slerp`: two endpoints, the base (v0) and one finetuned model (v1), interpolated along the
-    great circle through their directions, leaf by leaf (each leaf flattened to one vector);
-    (nearly) colinear leaves, ``|cos| > dot_threshold``, fall back to linear interpolation.
+  * `slerp`: two endpoints, the base and one finetuned model (mergekit) or two finetuned
+    models (FusionBench), interpolated along the great circle through their directions, leaf by
+    leaf (each leaf flattened to one vector); (nearly) colinear leaves,
+    ``|cos| > dot_threshold``, fall back to linear interpolation.
   * `nuslerp`: two finetuned models with weights; by default it interpolates their *task
     vectors* (mergekit's NuSLERP with a base model) and adds the result to the base; vectors can
     be whole leaves (mergekit's default ``nuslerp_flatten``) or slices along one axis.
@@ -56,19 +57,23 @@ def _slerp_leaf(v0, v1, t, *, dot_threshold, eps):
   return jnp.where(colinear, (1 - t) * v0 + t * v1, s0 * v0 + s1 * v1)
 
 
-def slerp(base: Params, finetuned: Sequence[Params], *, t: float, dot_threshold: float = 0.9995,
-          eps: float = 1e-8, exclude: tvlib.Exclude = None) -> Params:
-  """SLERP between the base (t = 0) and one finetuned model (t = 1), leaf by leaf.
+def slerp(base: Params, finetuned: Sequence[Params], *, t: float = 0.5,
+          dot_threshold: float = 0.9995, eps: float = 1e-8,
+          exclude: tvlib.Exclude = None) -> Params:
+  """SLERP between two models, leaf by leaf: the base and one finetuned model, or two models.
 
-  Per merged leaf, with v0 the base's and v1 the finetuned model's values flattened and
-  u_i = v_i / |v_i| (v_i itself when |v_i| <= eps): cos(theta) = <u0, u1>; if
-  ``|cos(theta)| > dot_threshold`` the leaf is ``(1 - t) v0 + t v1``, otherwise
-  ``sin((1 - t) theta) / sin(theta) v0 + sin(t theta) / sin(theta) v1`` (mergekit's ``slerp``).
+  The endpoints are v0 = base, v1 = finetuned[0] when one model is given (mergekit's
+  ``slerp``, whose base model is one endpoint), and v0 = finetuned[0], v1 = finetuned[1] when
+  two are (FusionBench's ``SlerpMergeAlgorithm``; the base then only fills excluded leaves).
+  Per merged leaf, with v0 and v1 flattened and u_i = v_i / |v_i| (v_i itself when
+  |v_i| <= eps): cos(theta) = <u0, u1>; if ``|cos(theta)| > dot_threshold`` the leaf is
+  ``(1 - t) v0 + t v1``, otherwise
+  ``sin((1 - t) theta) / sin(theta) v0 + sin(t theta) / sin(theta) v1``.
 
   Args:
-    base: base params (v0), a pytree of float arrays.
-    finetuned: exactly one params pytree (v1) with base's structure, shapes and dtypes.
-    t: interpolation factor in [0, 1] (may be traced).
+    base: base params, a pytree of float arrays.
+    finetuned: one or two params pytrees with base's structure, shapes and dtypes.
+    t: interpolation factor in [0, 1] (0 gives v0; may be traced; FusionBench's default 0.5).
     dot_threshold: |cos| above which the leaf is linearly interpolated, in (0, 1].
     eps: norms at or below it are not normalized.
     exclude: regex(es) of leaves that are not merged (base's value is kept).
@@ -77,22 +82,23 @@ def slerp(base: Params, finetuned: Sequence[Params], *, t: float, dot_threshold:
     Params with base's structure and dtypes.
 
   Raises:
-    ValueError: not exactly one finetuned model, mismatching or non-finite inputs (the model and
-      path), t outside [0, 1], a bad dot_threshold or eps, an exclude pattern matching nothing.
+    ValueError: not one or two finetuned models, mismatching or non-finite inputs (the model
+      and path), t outside [0, 1], a bad dot_threshold or eps, an exclude pattern matching
+      nothing.
 
   References:
     Shoemake 1985 (slerp); mergekit ``merge_methods/slerp.py`` (``slerp``, lerp fallback above
-    DOT_THRESHOLD = 0.9995).
+    DOT_THRESHOLD = 0.9995); FusionBench ``method/slerp`` (two models, t = 0.5).
   """
   if not validation.is_traced(t):
     validation.check_fraction(t, name='t')
   dot_threshold = validation.check_interval(dot_threshold, name='dot_threshold', low=0.0,
                                             high=1.0, low_open=True)
   eps = validation.check_interval(eps, name='eps', low=0.0, high=float('inf'))
-  p = leafwise.prepare(base, finetuned, exclude, min_models=1, max_models=1, method='slerp')
+  p = leafwise.prepare(base, finetuned, exclude, min_models=1, max_models=2, method='slerp')
+  v0, v1 = (p.base, p.models[0]) if len(p.models) == 1 else p.models
   t = jnp.asarray(t, jnp.float32)
-  merged = [_slerp_leaf(b, m, t, dot_threshold=dot_threshold, eps=eps)
-            for b, m in zip(p.base, p.models[0])]
+  merged = [_slerp_leaf(a, b, t, dot_threshold=dot_threshold, eps=eps) for a, b in zip(v0, v1)]
   return leafwise.finish(base, p, merged, method='slerp')
 
 

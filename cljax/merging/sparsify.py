@@ -208,7 +208,7 @@ def _magprune_leaf(key, t, *, density, epsilon, rescale, granularity):
 
 
 def della(base: Params, finetuned: Sequence[Params], *, key: jax.Array, density: float,
-          epsilon: float, scaling: float, rescale: str = 'inverse_probability',
+          scaling: float, epsilon: float = 0.15, rescale: str = 'inverse_probability',
           granularity: str = 'row', exclude: tvlib.Exclude = None) -> Params:
   """DELLA-Merging: MagPrune (rank-linear keep probabilities, rescale), elect signs, fuse.
 

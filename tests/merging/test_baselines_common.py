@@ -1,5 +1,6 @@
 """Conventions every baseline merge shares (one test per method): excluded leaves keep the base,
-bf16 inputs give bf16 outputs, a NaN in an input is refused naming the model and path."""
+bf16 inputs give bf16 outputs, 0-D leaves merge, a NaN in an input is refused naming the model
+and path."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ METHODS = {
     'model_stock': lambda b, m, e: model_stock.model_stock(b, m, exclude=e),
     'breadcrumbs': lambda b, m, e: sparsify.breadcrumbs(b, m, density=0.5, scaling=0.5,
                                                         exclude=e),
-    'della': lambda b, m, e: sparsify.della(b, m, key=jax.random.PRNGKey(0), density=0.5,
+    'della': lambda b, m, e: sparsify.della(b, m, key=jax.random.key(0), density=0.5,
                                             epsilon=0.1, scaling=0.5, exclude=e),
     'tsv': lambda b, m, e: tsv.tsv(b, m, exclude=e),
     'iso_c': lambda b, m, e: iso.iso_c(b, m, exclude=e),
@@ -54,7 +55,7 @@ METHODS = {
 def _models(dtype=jnp.float32, n=3):
   rng = np.random.default_rng(0)
   tree = lambda: {'dense': {'kernel': rng.normal(size=(6, 4)), 'bias': rng.normal(size=4)},
-                  'head': {'kernel': rng.normal(size=(4, 2))}}
+                  'scale': rng.normal(), 'head': {'kernel': rng.normal(size=(4, 2))}}
   base = jax.tree.map(lambda x: jnp.asarray(x, dtype), tree())
   models = [jax.tree.map(lambda b, d: (b + jnp.asarray(d, dtype)).astype(dtype), base, tree())
             for _ in range(n)]

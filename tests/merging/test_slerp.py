@@ -72,6 +72,16 @@ def test_slerp_matches_numpy(t):
                                  atol=1e-5)
 
 
+def test_slerp_of_two_finetuned_models_matches_numpy():
+  base, models, jbase, jmodels = _models(2, seed=5)
+  out = slerplib.slerp(jbase, jmodels, t=0.7)
+  for k in base:
+    for kk in base[k]:
+      expected = np_slerp(0.7, models[0][k][kk].reshape(-1), models[1][k][kk].reshape(-1))
+      np.testing.assert_allclose(np.asarray(out[k][kk]).reshape(-1), expected, rtol=1e-5,
+                                 atol=1e-5)
+
+
 def test_slerp_by_hand_quarter_circle():
   # e1 -> e2 at t = 1/2 is (e1 + e2) / sqrt(2), not the lerp (e1 + e2) / 2.
   out = slerplib.slerp({'w': jnp.array([1.0, 0.0])}, [{'w': jnp.array([0.0, 1.0])}], t=0.5)
@@ -87,8 +97,8 @@ def test_slerp_exclude_keeps_base_and_refuses_two_models():
   _, _, jbase, jmodels = _models(2)
   out = slerplib.slerp(jbase, jmodels[:1], t=0.5, exclude='head/.*')
   np.testing.assert_array_equal(out['head']['kernel'], jbase['head']['kernel'])
-  with pytest.raises(ValueError, match='exactly 1'):
-    slerplib.slerp(jbase, jmodels, t=0.5)
+  with pytest.raises(ValueError, match='1 to 2'):
+    slerplib.slerp(jbase, jmodels + jmodels[:1], t=0.5)
   with pytest.raises(ValueError, match='t must lie'):
     slerplib.slerp(jbase, jmodels[:1], t=1.5)
 
