@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -82,3 +83,40 @@ def test_bad_grams_are_named():
     rm.regmean(jb, jm, grams=good, alpha=0.5, exclude='dense/kernel')
   with pytest.raises(ValueError, match="'dense/kernel' is singular"):
     rm.regmean(jb, jm, grams=[{'dense/kernel': jnp.zeros((5, 5))} for _ in jm], alpha=1.0)
+
+
+def test_grams_from_a_flax_model_via_layer_representations():
+  # The composition the module docstring names: Dense inputs recorded by
+  # cljax.methods.projection.layer_representations, their Grams, RegMean.
+  import flax.linen as nn
+  from cljax.methods import projection
+
+  class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      hidden = nn.relu(nn.Dense(5, name='Dense_0')(x))
+      return nn.Dense(2, name='Dense_1')(hidden)
+
+  module = MLP()
+  apply_fn = lambda params, x, train=False: module.apply({'params': params}, x)
+  rng = np.random.default_rng(3)
+  base = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 4)))['params']
+  models = [jax.tree.map(lambda b: b + jnp.asarray(rng.normal(size=b.shape), jnp.float32), base)
+            for _ in range(2)]
+  xs = [jnp.asarray(rng.normal(size=(20, 4)), jnp.float32) for _ in range(2)]
+  grams = []
+  for m, x in zip(models, xs):
+    reps = projection.layer_representations(apply_fn, m, x)
+    grams.append(rm.gram_matrices({k: r.T for k, r in reps.items()}))
+  assert sorted(grams[0]) == ['Dense_0/kernel', 'Dense_1/kernel']
+  out = rm.regmean(base, models, grams=grams, alpha=1.0)
+  x64 = [np.asarray(x, np.float64) for x in xs]
+  k0 = [np.asarray(m['Dense_0']['kernel'], np.float64) for m in models]
+  expected = np.linalg.lstsq(np.concatenate(x64), np.concatenate([x @ k for x, k in zip(x64, k0)]),
+                             rcond=None)[0]
+  np.testing.assert_allclose(out['Dense_0']['kernel'], expected, rtol=1e-4, atol=1e-4)
+  # The second layer's Gram is of each model's own hidden activations.
+  hidden = [np.maximum(x @ k + np.asarray(m['Dense_0']['bias']), 0)
+            for x, k, m in zip(x64, k0, models)]
+  np.testing.assert_allclose(grams[1]['Dense_1/kernel'], hidden[1].T @ hidden[1] / 20,
+                             rtol=1e-4, atol=1e-5)
