@@ -35,6 +35,7 @@ from typing import Any, Callable, NamedTuple, Sequence, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from cljax.merging import adamerging as adalib
 from cljax.merging import leafwise
@@ -117,6 +118,9 @@ def soft_frank_wolfe_with_info(
   if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence) or \
       len(inputs) != len(loss_fns):
     raise ValueError(f'inputs must hold one array per task ({len(loss_fns)} loss_fns)')
+  learning_rate = validation.check_interval(learning_rate, name='learning_rate', low=0.0,
+                                            high=float('inf'), low_open=True)
+  optimizer = optax.adam(learning_rate)   # one object: every iteration reuses the compiled loop
   p = leafwise.prepare(base, finetuned, exclude, method='soft_frank_wolfe')
   models = list(finetuned)
   candidates = p.models if score_on == 'checkpoints' else p.task_vectors()
@@ -134,7 +138,7 @@ def soft_frank_wolfe_with_info(
     if merge_fn == 'adamerging':
       merged, info = adalib.adamerging_with_info(
           merged, chosen, apply_fn=apply_fn, inputs=inputs, granularity='layer',
-          init=0.3 if s == 0 else ada_init, num_steps=ada_steps, learning_rate=learning_rate,
+          init=0.3 if s == 0 else ada_init, num_steps=ada_steps, optimizer=optimizer,
           batch_size=batch_size, exclude=exclude)
       entropy.append(np.asarray(info.loss))
     else:

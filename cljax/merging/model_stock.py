@@ -31,13 +31,14 @@ from cljax.merging import task_vectors as tvlib
 Params = Any
 
 
-@functools.partial(jax.jit, static_argnames=('filter_wise',))
-def _stock_leaf(w0, ws, *, filter_wise):
+@functools.partial(jax.jit, static_argnames=('filter_wise', 'layout'))
+def _stock_leaf(w0, ws, *, filter_wise, layout):
   shape = w0.shape
   filter_wise = filter_wise and w0.ndim >= 2
   if filter_wise:
     # Per output filter: rows of the (out, ...) view; Flax kernels keep outputs last.
-    view = lambda x: jnp.moveaxis(x, -1, 0).reshape(shape[-1], -1)
+    axis = -1 if layout == 'in_out' else 0
+    view = lambda x: jnp.moveaxis(x, axis, 0).reshape(shape[axis], -1)
   else:
     view = lambda x: x.reshape(1, -1)
   base = view(w0)
@@ -53,13 +54,13 @@ def _stock_leaf(w0, ws, *, filter_wise):
   t = k * cos / (1 + (k - 1) * cos)
   merged = t * functools.reduce(jnp.add, [view(w) for w in ws]) / k + (1 - t) * base
   if filter_wise:
-    moved = jnp.moveaxis(w0, -1, 0).shape
-    return jnp.moveaxis(merged.reshape(moved), 0, -1)
+    moved = jnp.moveaxis(w0, axis, 0).shape
+    return jnp.moveaxis(merged.reshape(moved), 0, axis)
   return merged.reshape(shape)
 
 
 def model_stock(base: Params, finetuned: Sequence[Params], *, filter_wise: bool = False,
-                exclude: tvlib.Exclude = None) -> Params:
+                kernel_layout: str = 'in_out', exclude: tvlib.Exclude = None) -> Params:
   """Model Stock: ``t * mean_i w_i + (1 - t) * w_0`` with t from the task vectors' angle.
 
   Args:
@@ -68,6 +69,9 @@ def model_stock(base: Params, finetuned: Sequence[Params], *, filter_wise: bool 
     filter_wise: one ratio per output unit (the last axis of a Flax kernel; mergekit's
       ``filter_wise`` on PyTorch rows) instead of one per leaf. Leaves of 0 or 1 dimension
       (biases, scales) use one ratio, as mergekit treats them as a single row.
+    kernel_layout: with filter_wise, where >= 2-D leaves keep their output units: 'in_out'
+      (last axis, Flax) or 'out_in' (first axis, PyTorch / safetensors; mergekit's rows, all
+      other axes flattened).
     exclude: regex(es) of leaves that are not merged (base's value is kept).
 
   Returns:
@@ -81,7 +85,9 @@ def model_stock(base: Params, finetuned: Sequence[Params], *, filter_wise: bool 
   References:
     Jang et al., ECCV 2024 (the ratio t); mergekit ``model_stock.py``.
   """
+  layout = leafwise.check_layout(kernel_layout)
   p = leafwise.prepare(base, finetuned, exclude, min_models=2, method='model_stock')
-  merged = [_stock_leaf(b, [m[j] for m in p.models], filter_wise=bool(filter_wise))
+  merged = [_stock_leaf(b, [m[j] for m in p.models], filter_wise=bool(filter_wise),
+                        layout=layout)
             for j, b in enumerate(p.base)]
   return leafwise.finish(base, p, merged, method='model_stock')

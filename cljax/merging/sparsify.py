@@ -131,17 +131,24 @@ def breadcrumbs(base: Params, finetuned: Sequence[Params], *, density: float, sc
                          method='breadcrumbs')
 
 
-def _unit_view(x: jax.Array, granularity: str) -> jax.Array:
-  """(d, units) view whose columns are ranked separately: one column per output unit (the last
-  axis of a Flax kernel) for 'row' on >= 2-D leaves, else one column for the whole leaf."""
+def _unit_view(x: jax.Array, granularity: str, layout: str) -> tuple:
+  """A (d, units) view whose columns are ranked separately, and the map back to x's shape.
+
+  'row' on a >= 2-D leaf: one column per output unit, the last axis of a Flax kernel
+  (``layout='in_out'``) or the first of a PyTorch weight (``'out_in'``, mergekit's rows).
+  Otherwise one column for the whole leaf.
+  """
   if granularity == 'row' and x.ndim >= 2:
-    return x.reshape(-1, x.shape[-1])
-  return x.reshape(-1, 1)
+    if layout == 'in_out':
+      return x.reshape(-1, x.shape[-1]), lambda v: v.reshape(x.shape)
+    return x.reshape(x.shape[0], -1).T, lambda v: v.T.reshape(x.shape)
+  return x.reshape(-1, 1), lambda v: v.reshape(x.shape)
 
 
-@functools.partial(jax.jit, static_argnames=('density', 'epsilon', 'granularity'))
+@functools.partial(jax.jit, static_argnames=('density', 'epsilon', 'granularity',
+                                             'kernel_layout'))
 def magprune_probabilities(tv: jax.Array, *, density: float, epsilon: float,
-                           granularity: str = 'row') -> jax.Array:
+                           granularity: str = 'row', kernel_layout: str = 'in_out') -> jax.Array:
   """DELLA's keep probabilities of one leaf: linear in the magnitude rank.
 
   Within each ranked group of n entries (an output unit's weights, or the whole leaf), the
@@ -154,19 +161,20 @@ def magprune_probabilities(tv: jax.Array, *, density: float, epsilon: float,
     tv: a float array (one leaf of a task vector).
     density: mean keep probability, in (0, 1).
     epsilon: half-width of the probabilities, with density +- epsilon inside (0, 1).
-    granularity: 'row' (per output unit: the last axis of >= 2-D leaves; PyTorch rows in
-      mergekit) or 'tensor' (the whole leaf). All three are static.
+    granularity: 'row' (per output unit of >= 2-D leaves; 0-D and 1-D leaves are one group,
+      as mergekit's single row) or 'tensor' (the whole leaf).
+    kernel_layout: where a >= 2-D leaf keeps its output units: 'in_out' (last axis, Flax) or
+      'out_in' (first axis, PyTorch). All four arguments are static.
 
   Returns:
     float32 probabilities of tv's shape.
   """
-  view = _unit_view(tv, granularity)
+  view, back = _unit_view(tv, granularity, kernel_layout)
   n = view.shape[0]
   if n == 1:
     return jnp.full(tv.shape, density, jnp.float32)
   rank = _ranks(view, 0).astype(jnp.float32)
-  probs = density - epsilon + 2 * epsilon * (rank - 1) / (n - 1)
-  return probs.reshape(tv.shape)
+  return back(density - epsilon + 2 * epsilon * (rank - 1) / (n - 1))
 
 
 def _della_keys(key: jax.Array, model: int, leaf: int) -> jax.Array:
@@ -174,7 +182,8 @@ def _della_keys(key: jax.Array, model: int, leaf: int) -> jax.Array:
 
 
 def della_task_vectors(key: jax.Array, tvs: Sequence[Sequence[jax.Array]], *, density: float,
-                       epsilon: float, rescale: str, granularity: str) -> list:
+                       epsilon: float, rescale: str, granularity: str,
+                       kernel_layout: str = 'in_out') -> list:
   """MagPrune each task vector: per model i and leaf j, entry kept where
   ``uniform(fold_in(fold_in(key, i), j), shape) < magprune_probabilities``; kept entries are
   rescaled by 1 / probability ('inverse_probability', the paper) or the leaf by
@@ -183,20 +192,23 @@ def della_task_vectors(key: jax.Array, tvs: Sequence[Sequence[jax.Array]], *, de
   Args:
     key: a PRNG key.
     tvs: per model, its task-vector leaves (float arrays).
-    density, epsilon, granularity: as `magprune_probabilities` (unchecked here).
+    density, epsilon, granularity, kernel_layout: as `magprune_probabilities` (unchecked).
     rescale: 'inverse_probability', 'l1' or 'none'.
 
   Returns:
     Per model, its pruned leaves.
   """
   return [[_magprune_leaf(_della_keys(key, i, j), t, density=density, epsilon=epsilon,
-                         rescale=rescale, granularity=granularity) for j, t in enumerate(tv)]
+                         rescale=rescale, granularity=granularity, kernel_layout=kernel_layout)
+           for j, t in enumerate(tv)]
           for i, tv in enumerate(tvs)]
 
 
-@functools.partial(jax.jit, static_argnames=('density', 'epsilon', 'rescale', 'granularity'))
-def _magprune_leaf(key, t, *, density, epsilon, rescale, granularity):
-  probs = magprune_probabilities(t, density=density, epsilon=epsilon, granularity=granularity)
+@functools.partial(jax.jit, static_argnames=('density', 'epsilon', 'rescale', 'granularity',
+                                             'kernel_layout'))
+def _magprune_leaf(key, t, *, density, epsilon, rescale, granularity, kernel_layout):
+  probs = magprune_probabilities(t, density=density, epsilon=epsilon, granularity=granularity,
+                                 kernel_layout=kernel_layout)
   kept = jnp.where(jax.random.uniform(key, t.shape) < probs, t, 0.0)
   if rescale == 'inverse_probability':
     kept = kept / probs
@@ -209,7 +221,8 @@ def _magprune_leaf(key, t, *, density, epsilon, rescale, granularity):
 
 def della(base: Params, finetuned: Sequence[Params], *, key: jax.Array, density: float,
           scaling: float, epsilon: float = 0.15, rescale: str = 'inverse_probability',
-          granularity: str = 'row', exclude: tvlib.Exclude = None) -> Params:
+          granularity: str = 'row', kernel_layout: str = 'in_out',
+          exclude: tvlib.Exclude = None) -> Params:
   """DELLA-Merging: MagPrune (rank-linear keep probabilities, rescale), elect signs, fuse.
 
   1. Drop: `della_task_vectors` (documents the keys; reproducible from ``key``).
@@ -227,6 +240,8 @@ def della(base: Params, finetuned: Sequence[Params], *, key: jax.Array, density:
     scaling: lambda, a finite scalar (may be traced).
     rescale: 'inverse_probability' (the paper), 'l1' (mergekit's current rule) or 'none'.
     granularity: 'row' (ranks per output unit, mergekit's per-row ranking) or 'tensor'.
+    kernel_layout: 'in_out' (Flax kernels: units on the last axis) or 'out_in' (PyTorch
+      weights, e.g. safetensors checkpoints: units on the first axis).
     exclude: regex(es) of leaves that are not merged.
 
   Returns:
@@ -249,8 +264,9 @@ def della(base: Params, finetuned: Sequence[Params], *, key: jax.Array, density:
                      f'epsilon {epsilon}')
   validation.check_choice(rescale, name='rescale', choices=DELLA_RESCALES)
   validation.check_choice(granularity, name='granularity', choices=DELLA_GRANULARITIES)
+  layout = leafwise.check_layout(kernel_layout)
   scaling = leafwise.check_scaling(scaling)
   p = leafwise.prepare(base, finetuned, exclude, method='della')
   pruned = della_task_vectors(key, p.task_vectors(), density=density, epsilon=epsilon,
-                              rescale=rescale, granularity=granularity)
+                              rescale=rescale, granularity=granularity, kernel_layout=layout)
   return leafwise.finish(base, p, _merge_masked(p.base, pruned, 'ties', scaling), method='della')

@@ -68,6 +68,15 @@ def test_filter_wise_matches_numpy_per_output_column():
   np.testing.assert_allclose(out['bias'], expected_b, rtol=1e-5, atol=1e-5)
 
 
+def test_filter_wise_out_in_ranks_pytorch_rows():
+  base, models, _, _ = _models(3, seed=4)
+  t = lambda tree: {'kernel': jnp.asarray(tree['kernel'].T, jnp.float32),
+                    'bias': jnp.asarray(tree['bias'], jnp.float32)}
+  out = ms.model_stock(t(base), [t(m) for m in models], filter_wise=True, kernel_layout='out_in')
+  expected = np_stock(base['kernel'].T, [m['kernel'].T for m in models], rows=lambda x: x)
+  np.testing.assert_allclose(out['kernel'], expected, rtol=1e-5, atol=1e-5)
+
+
 def test_needs_two_models_and_keeps_excluded():
   _, _, jb, jm = _models(2)
   with pytest.raises(ValueError, match='at least 2'):

@@ -86,6 +86,14 @@ def test_magprune_probabilities_by_hand_and_numpy():
     np.testing.assert_allclose(got, np_magprune_probs(x, 0.4, 0.1, rowwise), rtol=1e-6)
 
 
+def test_magprune_out_in_ranks_each_pytorch_row():
+  x = np.random.default_rng(4).normal(size=(3, 7))   # (out, in): mergekit ranks along dim 1
+  got = sparsify.magprune_probabilities(jnp.asarray(x), density=0.5, epsilon=0.3,
+                                        kernel_layout='out_in')
+  ranks = np.argsort(np.argsort(np.abs(x), axis=1, kind='stable'), axis=1, kind='stable') + 1
+  np.testing.assert_allclose(got, 0.2 + 0.6 * (ranks - 1) / 6, rtol=1e-6)
+
+
 @pytest.mark.parametrize('rescale', ['inverse_probability', 'l1', 'none'])
 def test_della_matches_numpy_given_the_documented_draws(rescale):
   base, models, jb, jm = _models(seed=2)
