@@ -141,7 +141,7 @@ def merge_with_coefficients(base: Params, finetuned: Sequence[Params], coefficie
 
 def adamerging_with_info(base: Params, finetuned: Sequence[Params], *,
                          apply_fn: Union[ApplyFn, Sequence[ApplyFn]],
-                         inputs: Sequence[jax.Array], granularity: str = 'layer',
+                         test_inputs: Sequence[jax.Array], granularity: str = 'layer',
                          init: float = 0.3, num_steps: int = 500, learning_rate: float = 1e-3,
                          optimizer: Optional[optax.GradientTransformation] = None,
                          batch_size: Optional[int] = None, clamp: bool = False,
@@ -154,7 +154,7 @@ def adamerging_with_info(base: Params, finetuned: Sequence[Params], *,
     apply_fn: ``apply_fn(params, x) -> logits`` (B, K), or T of them (task t's model, e.g. with
       its own head); traced under jit (must be hashable: a function, not a lambda rebuilt per
       call, to reuse the compiled loop).
-    inputs: T arrays (N_t, ...) of unlabelled test inputs, one per task.
+    test_inputs: T arrays (N_t, ...) of unlabelled test inputs, one per task.
     granularity: 'task' (T coefficients) or 'layer' (T x L, one per merged leaf).
     init: the coefficients' initial value (the paper's 0.3).
     num_steps: optimisation steps, >= 1 (the paper's 500).
@@ -190,13 +190,14 @@ def adamerging_with_info(base: Params, finetuned: Sequence[Params], *,
   p = leafwise.prepare(base, finetuned, exclude, method='adamerging')
   n = len(p.models)
   fns = _apply_fns(apply_fn, n)
-  if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence) or len(inputs) != n:
-    raise ValueError(f'inputs must be a sequence of {n} arrays (one batch of unlabelled inputs '
-                     f'per task)')
-  xs = [jnp.asarray(x) for x in inputs]
+  if isinstance(test_inputs, (str, bytes)) or not isinstance(test_inputs, Sequence) or \
+      len(test_inputs) != n:
+    raise ValueError(f'test_inputs must be a sequence of {n} arrays (one batch of unlabelled '
+                     f'inputs per task)')
+  xs = [jnp.asarray(x) for x in test_inputs]
   for t, x in enumerate(xs):
     if x.ndim < 1 or x.shape[0] == 0:
-      raise ValueError(f'inputs[{t}] has shape {x.shape}; it needs at least one example')
+      raise ValueError(f'test_inputs[{t}] has shape {x.shape}; it needs at least one example')
   stacked = [jnp.stack(group) for group in zip(*p.task_vectors())]
   shape = (n,) if granularity == 'task' else (n, len(p.base))
   lam, losses = _train(base, p.base, stacked, jnp.full(shape, init, jnp.float32), xs,
@@ -209,7 +210,7 @@ def adamerging_with_info(base: Params, finetuned: Sequence[Params], *,
 
 
 def adamerging(base: Params, finetuned: Sequence[Params], *,
-               apply_fn: Union[ApplyFn, Sequence[ApplyFn]], inputs: Sequence[jax.Array],
+               apply_fn: Union[ApplyFn, Sequence[ApplyFn]], test_inputs: Sequence[jax.Array],
                granularity: str = 'layer', init: float = 0.3, num_steps: int = 500,
                learning_rate: float = 1e-3,
                optimizer: Optional[optax.GradientTransformation] = None,
@@ -222,7 +223,7 @@ def adamerging(base: Params, finetuned: Sequence[Params], *,
   References:
     Yang et al., ICLR 2024.
   """
-  params, _ = adamerging_with_info(base, finetuned, apply_fn=apply_fn, inputs=inputs,
+  params, _ = adamerging_with_info(base, finetuned, apply_fn=apply_fn, test_inputs=test_inputs,
                                    granularity=granularity, init=init, num_steps=num_steps,
                                    learning_rate=learning_rate, optimizer=optimizer,
                                    batch_size=batch_size, clamp=clamp, exclude=exclude)

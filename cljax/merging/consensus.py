@@ -65,16 +65,17 @@ def _as_tree(base: Params, p: leafwise.Prepared, leaves: list) -> Params:
                              for b, m in zip(jax.tree.leaves(base), jax.tree.leaves(p.mask))])
 
 
-def tall_masks(base: Params, finetuned: Sequence[Params], *, lambdas: Union[float, Sequence[float]],
-               merge: str = 'task_arithmetic', density: float = 0.2, reduce: str = 'mean',
-               exclude: tvlib.Exclude = None) -> list:
+def tall_masks(base: Params, finetuned: Sequence[Params], *,
+               lambdas: Union[float, Sequence[float]] = 0.6, merge: str = 'task_arithmetic',
+               density: float = 0.2, reduce: str = 'mean', exclude: tvlib.Exclude = None) -> list:
   """Per finetuned model, its TALL mask ``|tau_t| > lambda_t |tau_MTL - tau_t|``.
 
   Args:
     base: base params, a pytree of float arrays.
     finetuned: n >= 1 params pytrees with base's structure, shapes and dtypes.
-    lambdas: lambda_t >= 0, one for all or one per model (the authors pick each task's from
-      {0.2, ..., 0.6} on its validation set).
+    lambdas: lambda_t >= 0, one for all or one per model (default 0.6, FusionBench's
+      ``tall_mask_lambda``; the authors pick each task's from {0.2, ..., 0.6} on its validation
+      set).
     merge: tau_MTL: 'task_arithmetic' (sum of the task vectors) or 'ties'
       (`static.ties_task_vectors` with ``density`` and ``reduce``, trimmed globally).
     density, reduce: TIES's, when ``merge='ties'``.

@@ -13,7 +13,7 @@ iteration s = 0 .. num_iterations - 1, from theta_0 = the base:
   2. Step, ``merge_fn='adamerging'`` (the authors' default): layer-wise AdaMerging with
      theta_s as the base and the picks as the finetuned models (task vectors
      theta_pick - theta_s), coefficients initialised to 0.3 at s = 0 and to ``ada_init``
-     (1e-8) after, trained by entropy minimisation on the unlabelled ``inputs``
+     (1e-8) after, trained by entropy minimisation on the unlabelled ``test_inputs``
      (`cljax.merging.adamerging`); ``'task_arithmetic'``: theta_{s+1} = theta_s +
      0.3 gamma_s sum_picks (theta_pick - theta_s), gamma_0 = 1,
      gamma_s = step_size * 2 / (s + 2).
@@ -73,7 +73,7 @@ def _alignment(grads: list, xs: list) -> float:
 def soft_frank_wolfe_with_info(
     base: Params, finetuned: Sequence[Params], *,
     loss_fns: Sequence[Callable[[Params], jax.Array]],
-    apply_fn: Union[adalib.ApplyFn, Sequence[adalib.ApplyFn]], inputs: Sequence[jax.Array],
+    apply_fn: Union[adalib.ApplyFn, Sequence[adalib.ApplyFn]], test_inputs: Sequence[jax.Array],
     num_iterations: int = 10, merge_fn: str = 'adamerging', ada_steps: int = 500,
     ada_init: float = 1e-8, learning_rate: float = 1e-3, step_size: float = 0.1,
     score_on: str = 'checkpoints', batch_size: Any = None,
@@ -85,8 +85,8 @@ def soft_frank_wolfe_with_info(
     finetuned: n >= 1 candidate models with base's structure, shapes and dtypes.
     loss_fns: one differentiable ``loss_fn(params) -> scalar`` per task (labelled data closed
       over; the authors' cross-entropy on training batches), for the oracle's gradients.
-    apply_fn, inputs: AdaMerging's model function(s) and per-task unlabelled inputs
-      (`adamerging.adamerging_with_info`); ``inputs`` has one array per task.
+    apply_fn, test_inputs: AdaMerging's model function(s) and per-task unlabelled inputs
+      (`adamerging.adamerging_with_info`); ``test_inputs`` has one array per task.
     num_iterations: Frank-Wolfe iterations, >= 1 (the authors' 10).
     merge_fn: 'adamerging' or 'task_arithmetic'.
     ada_steps: AdaMerging steps per iteration (the authors' 500).
@@ -101,7 +101,7 @@ def soft_frank_wolfe_with_info(
     ``(params, info)``: params with base's structure and dtypes, a `SoftFrankWolfeInfo`.
 
   Raises:
-    ValueError: mismatching or non-finite inputs; loss_fns and inputs of different lengths or
+    ValueError: mismatching or non-finite inputs; loss_fns and test_inputs of different lengths or
       not callables; bad num_iterations, merge_fn, score_on or step_size; as AdaMerging.
 
   References:
@@ -115,9 +115,9 @@ def soft_frank_wolfe_with_info(
     raise ValueError(f'num_iterations must be an int >= 1; got {num_iterations!r}')
   if not isinstance(loss_fns, Sequence) or not loss_fns or not all(callable(f) for f in loss_fns):
     raise ValueError('loss_fns must be a non-empty sequence of callables (one per task)')
-  if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence) or \
-      len(inputs) != len(loss_fns):
-    raise ValueError(f'inputs must hold one array per task ({len(loss_fns)} loss_fns)')
+  if isinstance(test_inputs, (str, bytes)) or not isinstance(test_inputs, Sequence) or \
+      len(test_inputs) != len(loss_fns):
+    raise ValueError(f'test_inputs must hold one array per task ({len(loss_fns)} loss_fns)')
   learning_rate = validation.check_interval(learning_rate, name='learning_rate', low=0.0,
                                             high=float('inf'), low_open=True)
   optimizer = optax.adam(learning_rate)   # one object: every iteration reuses the compiled loop
@@ -137,7 +137,7 @@ def soft_frank_wolfe_with_info(
     chosen = [models[i] for i in picks]
     if merge_fn == 'adamerging':
       merged, info = adalib.adamerging_with_info(
-          merged, chosen, apply_fn=apply_fn, inputs=inputs, granularity='layer',
+          merged, chosen, apply_fn=apply_fn, test_inputs=test_inputs, granularity='layer',
           init=0.3 if s == 0 else ada_init, num_steps=ada_steps, optimizer=optimizer,
           batch_size=batch_size, exclude=exclude)
       entropy.append(np.asarray(info.loss))
@@ -154,7 +154,7 @@ def soft_frank_wolfe_with_info(
 def soft_frank_wolfe(
     base: Params, finetuned: Sequence[Params], *,
     loss_fns: Sequence[Callable[[Params], jax.Array]],
-    apply_fn: Union[adalib.ApplyFn, Sequence[adalib.ApplyFn]], inputs: Sequence[jax.Array],
+    apply_fn: Union[adalib.ApplyFn, Sequence[adalib.ApplyFn]], test_inputs: Sequence[jax.Array],
     num_iterations: int = 10, merge_fn: str = 'adamerging', ada_steps: int = 500,
     ada_init: float = 1e-8, learning_rate: float = 1e-3, step_size: float = 0.1,
     score_on: str = 'checkpoints', batch_size: Any = None,
@@ -167,7 +167,7 @@ def soft_frank_wolfe(
     Chen et al., arXiv 2503.12649 (FW-Soft).
   """
   params, _ = soft_frank_wolfe_with_info(
-      base, finetuned, loss_fns=loss_fns, apply_fn=apply_fn, inputs=inputs,
+      base, finetuned, loss_fns=loss_fns, apply_fn=apply_fn, test_inputs=test_inputs,
       num_iterations=num_iterations, merge_fn=merge_fn, ada_steps=ada_steps, ada_init=ada_init,
       learning_rate=learning_rate, step_size=step_size, score_on=score_on,
       batch_size=batch_size, exclude=exclude)

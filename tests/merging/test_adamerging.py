@@ -71,7 +71,7 @@ def _setup(seed=0, n=2):
 def test_matches_numpy_adam_on_entropy(granularity):
   base, taus, xs, jb, jm = _setup()
   params, info = ada.adamerging_with_info(
-      jb, jm, apply_fn=(linear, doubled), inputs=[jnp.asarray(x, jnp.float32) for x in xs],
+      jb, jm, apply_fn=(linear, doubled), test_inputs=[jnp.asarray(x, jnp.float32) for x in xs],
       granularity=granularity, init=0.3, num_steps=5, learning_rate=0.05)
   lam, losses = np_adamerging(base, taus, xs, (1.0, 2.0), granularity == 'layer', 0.3, 5, 0.05)
   np.testing.assert_allclose(info.coefficients, lam, rtol=1e-4, atol=1e-5)
@@ -84,7 +84,7 @@ def test_matches_numpy_adam_on_entropy(granularity):
 def test_the_entropy_goes_down_and_merge_with_coefficients_agrees():
   base, taus, xs, jb, jm = _setup(seed=1)
   xs = [jnp.asarray(x, jnp.float32) for x in xs]
-  params, info = ada.adamerging_with_info(jb, jm, apply_fn=linear, inputs=xs, num_steps=40,
+  params, info = ada.adamerging_with_info(jb, jm, apply_fn=linear, test_inputs=xs, num_steps=40,
                                           learning_rate=0.05)
   assert float(info.loss[-1]) < float(info.loss[0])
   again = ada.merge_with_coefficients(jb, jm, info.coefficients)
@@ -102,24 +102,24 @@ def test_entropy_by_hand():
 def test_clamp_excludes_and_errors():
   _, _, xs, jb, jm = _setup()
   xs = [jnp.asarray(x, jnp.float32) for x in xs]
-  params, info = ada.adamerging_with_info(jb, jm, apply_fn=linear, inputs=xs, num_steps=3,
+  params, info = ada.adamerging_with_info(jb, jm, apply_fn=linear, test_inputs=xs, num_steps=3,
                                           granularity='task', exclude='b',
                                           optimizer=optax.sgd(1e3), clamp=True)
   np.testing.assert_array_equal(params['b'], jb['b'])
   lam = np.clip(np.asarray(info.coefficients), 0, 1)
   expected = jb['w'] + sum(l * (m['w'] - jb['w']) for l, m in zip(lam, jm))
   np.testing.assert_allclose(params['w'], expected, rtol=1e-5, atol=1e-5)
-  with pytest.raises(ValueError, match='sequence of 2 arrays'):
-    ada.adamerging(jb, jm, apply_fn=linear, inputs=xs[:1], num_steps=1)
+  with pytest.raises(ValueError, match='test_inputs must be a sequence of 2 arrays'):
+    ada.adamerging(jb, jm, apply_fn=linear, test_inputs=xs[:1], num_steps=1)
   with pytest.raises(ValueError, match='2 callables'):
-    ada.adamerging(jb, jm, apply_fn=(linear,), inputs=xs, num_steps=1)
+    ada.adamerging(jb, jm, apply_fn=(linear,), test_inputs=xs, num_steps=1)
 
 
 def test_batches_cycle_in_order():
   base, taus, xs, jb, jm = _setup(seed=2)
   # batch_size 4 of 6 rows: step s uses rows 4s .. 4s + 3 mod 6: (0-3), (4, 5, 0, 1), (2-5).
   xs32 = [jnp.asarray(x, jnp.float32) for x in xs]
-  lam_jax = ada.adamerging_with_info(jb, jm, apply_fn=linear, inputs=xs32, num_steps=3,
+  lam_jax = ada.adamerging_with_info(jb, jm, apply_fn=linear, test_inputs=xs32, num_steps=3,
                                      batch_size=4, learning_rate=0.01)[1]
   batches = lambda s: [x[(4 * s + np.arange(4)) % 6] for x in xs]
   lam, losses = np_adamerging(base, taus, batches, (1.0, 1.0), True, 0.3, 3, 0.01)

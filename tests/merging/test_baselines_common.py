@@ -47,7 +47,7 @@ METHODS = {
     'wudi': lambda b, m, e: wudi.wudi(b, m, num_steps=2, exclude=e),
     'regmean': _regmean,
     'adamerging': lambda b, m, e: adamerging.adamerging(
-        b, m, apply_fn=_apply, inputs=[jnp.ones((2, 6), b['dense']['kernel'].dtype)] * len(m),
+        b, m, apply_fn=_apply, test_inputs=[jnp.ones((2, 6), b['dense']['kernel'].dtype)] * len(m),
         num_steps=2, exclude=e),
 }
 

@@ -53,7 +53,7 @@ def test_two_iterations_match_numpy():
   loss_fns = [_ce(jnp.asarray(x, jnp.float32), jnp.asarray(y)) for x, y in data]
   params, info = fws.soft_frank_wolfe_with_info(
       _jax(base), [_jax(m) for m in models], loss_fns=loss_fns, apply_fn=linear,
-      inputs=[jnp.asarray(x, jnp.float32) for x in test_x], num_iterations=2, ada_steps=4,
+      test_inputs=[jnp.asarray(x, jnp.float32) for x in test_x], num_iterations=2, ada_steps=4,
       ada_init=0.1, learning_rate=0.05)
   merged = base
   expected_picks = []
@@ -80,7 +80,7 @@ def test_task_arithmetic_step():
   loss_fns = [_ce(jnp.asarray(x, jnp.float32), jnp.asarray(y)) for x, y in data]
   params, info = fws.soft_frank_wolfe_with_info(
       _jax(base), [_jax(m) for m in models], loss_fns=loss_fns, apply_fn=linear,
-      inputs=[jnp.asarray(x, jnp.float32) for x in test_x], num_iterations=2,
+      test_inputs=[jnp.asarray(x, jnp.float32) for x in test_x], num_iterations=2,
       merge_fn='task_arithmetic', step_size=0.5, score_on='task_vectors')
   merged = base
   for s, gamma in enumerate([1.0, 2.0 / 3.0 * 0.5]):
@@ -100,7 +100,7 @@ def test_errors():
   loss_fns = [_ce(jnp.asarray(x, jnp.float32), jnp.asarray(y)) for x, y in data]
   with pytest.raises(ValueError, match='one array per task'):
     fws.soft_frank_wolfe(_jax(base), [_jax(m) for m in models], loss_fns=loss_fns,
-                         apply_fn=linear, inputs=[jnp.asarray(test_x[0])])
+                         apply_fn=linear, test_inputs=[jnp.asarray(test_x[0])])
   with pytest.raises(ValueError, match='merge_fn'):
     fws.soft_frank_wolfe(_jax(base), [_jax(m) for m in models], loss_fns=loss_fns,
-                         apply_fn=linear, inputs=test_x, merge_fn='ties')
+                         apply_fn=linear, test_inputs=test_x, merge_fn='ties')
