@@ -262,7 +262,7 @@ def multislerp(base: Params, finetuned: Sequence[Params], *,
   for j, (name, b) in enumerate(zip(p.names, p.base)):
     vectors = jnp.stack([(m[j] - b if relative_to_base else m[j]).reshape(-1) for m in p.models])
     result, degenerate = _multislerp_leaf(vectors, w, eps=eps)
-    if bool(degenerate):
+    if not validation.is_traced(degenerate) and bool(degenerate):
       raise ValueError(f'multislerp: at {name!r} the weighted unit directions of the models sum '
                        f'to zero (antipodal inputs); choose other weights')
     result = result.reshape(b.shape)

@@ -115,7 +115,8 @@ def wudi(base: Params, finetuned: Sequence[Params], *, num_steps: int = 300,
       merged.append(b + scaling * leafwise.mean_task_vector(p, j))
       continue
     tvs = jnp.stack([leafwise.as_out_in(m[j] - b, layout) for m in p.models])
-    if not bool(jnp.all(jnp.sum(tvs * tvs, axis=(1, 2)) > 0)):
+    nonzero = jnp.all(jnp.sum(tvs * tvs, axis=(1, 2)) > 0)
+    if not validation.is_traced(nonzero) and not bool(nonzero):
       raise ValueError(f'wudi: a task vector is zero at {name!r}; the interference loss divides '
                        f'by its norm (exclude the leaf or list it in average_only)')
     tau_m, _ = wudi_matrix(tvs, optimizer=optimizer, num_steps=num_steps)

@@ -83,3 +83,14 @@ def test_nan_input_is_named(name):
   models[0]['dense']['bias'] = models[0]['dense']['bias'].at[1].set(jnp.nan)
   with pytest.raises(ValueError, match=r"finetuned\[0\].*'dense'.*'bias'"):
     METHODS[name](base, models, None)
+
+
+# Every merge also runs under an outer jax.jit (checks of values are skipped there, as in
+# cljax.merging.static) and gives the eager result.
+@pytest.mark.parametrize('name', sorted(METHODS))
+def test_runs_under_jit_with_the_same_result(name):
+  base, models = _models()
+  eager = METHODS[name](base, models, 'head/.*')
+  jitted = jax.jit(lambda b, m: METHODS[name](b, m, 'head/.*'))(base, models)
+  for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
