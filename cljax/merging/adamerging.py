@@ -62,6 +62,9 @@ def entropy(logits: jax.Array, eps: float = 1e-8) -> jax.Array:
 
   Returns:
     float32 scalar.
+
+  References:
+    Yang et al., ICLR 2024 (entropy objective); FusionBench ``adamerging/entropy_loss.py``.
   """
   p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   return jnp.mean(-jnp.sum(p * jnp.log(p + eps), axis=-1))
@@ -126,6 +129,9 @@ def merge_with_coefficients(base: Params, finetuned: Sequence[Params], coefficie
 
   Raises:
     ValueError: mismatching or non-finite inputs; coefficients of the wrong shape.
+
+  References:
+    Yang et al., ICLR 2024 (task-wise / layer-wise merged model).
   """
   p = leafwise.prepare(base, finetuned, exclude, method='adamerging')
   lam = jnp.asarray(coefficients, jnp.float32)

@@ -122,6 +122,9 @@ def emr_task_model(base: Params, result: EMRResult, task: int) -> Params:
 
   Raises:
     ValueError: task out of range; result not of base's structure.
+
+  References:
+    Huang et al., NeurIPS 2024; FusionBench ``EMRTaskModulator.apply``.
   """
   n = len(result.masks)
   if isinstance(task, bool) or not isinstance(task, int) or not 0 <= task < n:

@@ -42,7 +42,11 @@ Params = Any
 
 @jax.jit
 def iso_c_matrix(tvs: Sequence[jax.Array]) -> jax.Array:
-  """Iso-C of T same-shape task matrices: ``mean(S) U V^T`` of their sum ``U S V^T``."""
+  """Iso-C of T same-shape task matrices: ``mean(S) U V^T`` of their sum ``U S V^T``.
+
+  References:
+    Marczak et al., ICML 2025 (Iso-C); authors' ``iso_c``.
+  """
   u, s, vt = jnp.linalg.svd(sum(tvs), full_matrices=False)
   return jnp.mean(s) * (u @ vt)
 
@@ -53,8 +57,19 @@ def iso_cts_sizes(shape: tuple, num_tasks: int, common_space_fraction: float) ->
   c0 = int(r * fraction), r = min(shape); the task-specific total is
   round((r - c0) / T) * T (Python's round, half to even); c = r - that total; s = (r - c) / T.
 
+  Args:
+    shape: the 2-D matrix's shape.
+    num_tasks: T >= 1.
+    common_space_fraction: in [0, 1].
+
+  Returns:
+    ``(c, s)`` ints with T s + c = r.
+
   Raises:
     ValueError: c < 0 (the rounding asks for more task dimensions than r).
+
+  References:
+    Marczak et al., ICML 2025; authors' ``iso_cts`` (sizes).
   """
   r = min(shape)
   common = int(r * common_space_fraction)
@@ -77,6 +92,9 @@ def iso_cts_matrix(tvs: Sequence[jax.Array], *, common: int, per_task: int) -> j
 
   Returns:
     (m, n) float array.
+
+  References:
+    Marczak et al., ICML 2025 (Iso-CTS); authors' ``iso_cts``.
   """
   u, s, vt = jnp.linalg.svd(sum(tvs), full_matrices=False)
   uc, sc, vtc = u[:, :common], s[:common], vt[:common]

@@ -131,6 +131,14 @@ def matrix_flags(base: Params, prepared: Prepared, average_only: tvlib.Exclude) 
   regexes (`re.fullmatch` on '/'-joined paths, as ``exclude``; the authors of TSV-M and Iso
   keep CLIP's ``text_projection`` out this way). Other leaves are averaged.
 
+  Args:
+    base: the base params (paths).
+    prepared: `prepare`'s result for it.
+    average_only: None, a regex or a sequence of regexes.
+
+  Returns:
+    One Python bool per merged leaf, flattening order.
+
   Raises:
     ValueError: an ``average_only`` pattern that matches no leaf (the error lists paths).
   """

@@ -54,6 +54,9 @@ def gram_matrix(x: jax.Array) -> jax.Array:
 
   Raises:
     ValueError: x has no rows or is 0-D.
+
+  References:
+    Jin et al., ICLR 2023 (G = X^T X); FusionBench ``clip_regmean`` (divided by the rows).
   """
   x = jnp.asarray(x)
   if x.ndim < 1 or x.size == 0:

@@ -150,7 +150,7 @@ def nuslerp(base: Params, finetuned: Sequence[Params], *, weights: Sequence[floa
 
   Args:
     base: base params.
-    finetuned: exactly two params pytrees with base's structure, shapes and dtypes.
+    finetuned: two params pytrees with base's structure, shapes and dtypes.
     weights: (w_0, w_1), finite.
     axis: None slerps each leaf as one vector (mergekit's default ``nuslerp_flatten: true``);
       an int slerps the vectors along that axis of every leaf with more than one dimension
@@ -165,7 +165,7 @@ def nuslerp(base: Params, finetuned: Sequence[Params], *, weights: Sequence[floa
     Params with base's structure and dtypes.
 
   Raises:
-    ValueError: not exactly two models, mismatching or non-finite inputs, bad weights or axis,
+    ValueError: not two models, mismatching or non-finite inputs, bad weights or axis,
       an exclude pattern matching nothing.
 
   References:

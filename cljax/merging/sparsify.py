@@ -66,6 +66,9 @@ def breadcrumbs_mask(tv: jax.Array, *, density: float, gamma: float) -> jax.Arra
 
   Returns:
     A bool array of tv's shape.
+
+  References:
+    Davari & Belilovsky, ECCV 2024; mergekit ``sparsify.magnitude_outliers``.
   """
   n = tv.size
   if density >= 1:
@@ -168,6 +171,9 @@ def magprune_probabilities(tv: jax.Array, *, density: float, epsilon: float,
 
   Returns:
     float32 probabilities of tv's shape.
+
+  References:
+    Deep et al., arXiv 2406.11617 (MagPrune); mergekit ``sparsify.della_magprune``.
   """
   view, back = _unit_view(tv, granularity, kernel_layout)
   n = view.shape[0]
@@ -197,6 +203,10 @@ def della_task_vectors(key: jax.Array, tvs: Sequence[Sequence[jax.Array]], *, de
 
   Returns:
     Per model, its pruned leaves.
+
+  References:
+    Deep et al., arXiv 2406.11617 (MagPrune's drop and 1 / (1 - p) rescale); mergekit
+    ``sparsify.rescaled_masked_tensor`` ('l1').
   """
   return [[_magprune_leaf(_della_keys(key, i, j), t, density=density, epsilon=epsilon,
                          rescale=rescale, granularity=granularity, kernel_layout=kernel_layout)

@@ -44,6 +44,9 @@ def tsv_matrix(tvs: Sequence[jax.Array], *, k: int) -> jax.Array:
 
   Returns:
     (m, n) float array U_perp diag(S) V_perp^T.
+
+  References:
+    Gargiulo et al., CVPR 2025 (TSV-M); authors' ``compute_and_sum_svd_mem_reduction``.
   """
   us, ss, vts = [], [], []
   for tv in tvs:

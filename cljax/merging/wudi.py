@@ -44,6 +44,9 @@ def interference_loss(merged: jax.Array, tvs: jax.Array) -> jax.Array:
 
   Returns:
     float32 scalar.
+
+  References:
+    Cheng et al., ICML 2025 (the interference loss); FusionBench ``wudi_merging``.
   """
   norms = jnp.sum(tvs * tvs, axis=(1, 2))
   product = jnp.einsum('tmn,tkn->tmk', merged[None] - tvs, tvs)
@@ -53,9 +56,18 @@ def interference_loss(merged: jax.Array, tvs: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=('optimizer', 'num_steps'))
 def wudi_matrix(tvs: jax.Array, *, optimizer: optax.GradientTransformation,
                 num_steps: int) -> tuple:
-  """WUDI's merged (out, in) matrix from (T, out, in) task vectors; returns (merged, losses).
+  """WUDI's merged (out, in) matrix, optimised from the sum of the task vectors.
 
-  ``losses[s]`` is the interference loss before step s.
+  Args:
+    tvs: (T, out, in) float task vectors (each nonzero).
+    optimizer: an optax transformation (static; the authors' Adam with lr 1e-5).
+    num_steps: steps, >= 1 (static).
+
+  Returns:
+    ``(merged, losses)``: (out, in) float32, and (num_steps,) the loss before each step.
+
+  References:
+    Cheng et al., ICML 2025; FusionBench ``wudi_merging``.
   """
   merged = jnp.sum(tvs, axis=0)
 
