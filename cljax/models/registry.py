@@ -9,10 +9,12 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from cljax.models import linen
+from cljax.models import vit
 
 REGISTRY: dict = {
     'mlp': linen.MLP,
     'cnn': linen.CNN,
+    'vit': vit.ViTClassifier,
 }
 
 
@@ -25,7 +27,7 @@ def make_model(name: str, *, num_outputs: int, **kwargs: Any) -> Any:
   """Builds a registered model by name.
 
   Args:
-    name: a key of ``REGISTRY`` (config key ``model``), e.g. 'mlp', 'cnn'.
+    name: a key of ``REGISTRY`` (config key ``model``), e.g. 'mlp', 'cnn', 'vit'.
     num_outputs: size of the output layer.
     **kwargs: the model's attributes (e.g. ``hidden``, ``channels``, ``use_bias``).
 
