@@ -39,7 +39,8 @@ def test_bad_model_name_and_attribute():
 
 
 def test_unknown_model_names_config_key_and_choices():
-  with pytest.raises(ValueError, match=r"config key `model`.*\['cnn', 'mlp'"):
+  with pytest.raises(ValueError, match=r"config key `model`\); choose one of "
+                                       r"\['cnn', 'llama', 'mlp', 'qwen3', 'vit'\]"):
     models.make_model('resnet9000', num_outputs=10)
 
 

@@ -207,7 +207,9 @@ class CausalLM(nn.Module):
     config: the `LMConfig`.
 
   ``train`` is accepted for the model contract and unused: HF's Llama / Qwen3 default to no
-  dropout (``attention_dropout=0``). Attention is causal over all L positions (no padding mask).
+  dropout (``attention_dropout=0``). Attention is causal over all L positions (no padding mask:
+  padded positions are left out of the loss by per-token weights). Float inputs are cast to
+  int32, so `cljax.models.init_params(module, key, (L,))` initialises an LM like any model.
   """
 
   config: LMConfig
@@ -215,11 +217,46 @@ class CausalLM(nn.Module):
   @nn.compact
   def __call__(self, input_ids: jax.Array, *, train: bool = False) -> jax.Array:
     del train
+    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+      input_ids = input_ids.astype(jnp.int32)
     model = DecoderModel(self.config, name='model')
     x = model(input_ids)
     if self.config.tie_word_embeddings:
       return model.attend(x)
     return nn.Dense(self.config.vocab_size, use_bias=False, name='head')(x)
+
+
+def qwen3(*, num_outputs: int, hidden_size: int = 64, intermediate_size: int = 192,
+          num_hidden_layers: int = 2, num_attention_heads: int = 4, num_key_value_heads: int = 2,
+          head_dim: int = 16, rms_norm_eps: float = 1e-6, rope_theta: float = 1e6,
+          tie_word_embeddings: bool = True) -> CausalLM:
+  """A freshly initialisable Qwen3-architecture LM (``REGISTRY['qwen3']``).
+
+  Args:
+    num_outputs: the vocabulary size (logits per position).
+    hidden_size ... tie_word_embeddings: as `LMConfig` (defaults: a ~0.1M-parameter toy).
+
+  Returns:
+    A `CausalLM` with QK-norm, no biases, SiLU gates (Qwen3's choices).
+  """
+  return CausalLM(LMConfig(
+      vocab_size=num_outputs, hidden_size=hidden_size, intermediate_size=intermediate_size,
+      num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+      num_key_value_heads=num_key_value_heads, head_dim=head_dim, rms_norm_eps=rms_norm_eps,
+      rope_theta=rope_theta, tie_word_embeddings=tie_word_embeddings, qk_norm=True))
+
+
+def llama(*, num_outputs: int, hidden_size: int = 64, intermediate_size: int = 192,
+          num_hidden_layers: int = 2, num_attention_heads: int = 4, num_key_value_heads: int = 2,
+          head_dim: int = 16, rms_norm_eps: float = 1e-5, rope_theta: float = 5e5,
+          tie_word_embeddings: bool = False) -> CausalLM:
+  """A freshly initialisable Llama-architecture LM (``REGISTRY['llama']``); as `qwen3` but
+  without QK-norm, with Llama 3's RoPE base and an untied ``head`` by default."""
+  return CausalLM(LMConfig(
+      vocab_size=num_outputs, hidden_size=hidden_size, intermediate_size=intermediate_size,
+      num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+      num_key_value_heads=num_key_value_heads, head_dim=head_dim, rms_norm_eps=rms_norm_eps,
+      rope_theta=rope_theta, tie_word_embeddings=tie_word_embeddings, qk_norm=False))
 
 
 def hf_tensors(config: LMConfig, prefix: str = 'model') -> list:

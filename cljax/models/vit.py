@@ -247,9 +247,19 @@ def hf_tensors(module: ViTClassifier) -> list:
 def module_from_hf(cfg: dict, *, source: str) -> ViTClassifier:
   """A `ViTClassifier` from a parsed HF ``ViTConfig`` ``config.json``.
 
+  ``num_labels`` comes from ``id2label`` (what transformers writes); ``hidden_dropout_prob``
+  becomes ``dropout_rate``. ``attention_probs_dropout_prob`` is not implemented (evaluation is
+  unaffected; HF's ViT checkpoints set it to 0).
+
+  Args:
+    cfg: the parsed JSON.
+    source: the file name, for errors.
+
+  Returns:
+    The module.
+
   Raises:
-    ValueError: a missing size, an unknown activation, or ``num_channels`` / ``image_size``
-      that are not integers (naming the key and ``source``).
+    ValueError: a missing size or an unknown ``hidden_act`` (naming the key and ``source``).
   """
   missing = [k for k in ('hidden_size', 'num_hidden_layers', 'num_attention_heads',
                          'intermediate_size', 'patch_size') if k not in cfg]

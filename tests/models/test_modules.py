@@ -63,3 +63,19 @@ def test_vit_dropout_needs_rngs_only_in_training():
   b = apply_fn(params, x, train=True, rngs=jax.random.key(3))
   assert not np.allclose(a, b) and not np.allclose(a, eval_out)
   np.testing.assert_array_equal(a, apply_fn(params, x, train=True, rngs=jax.random.key(2)))
+
+
+@pytest.mark.parametrize('name', ['qwen3', 'llama'])
+def test_lm_from_the_registry_has_the_hand_counted_parameters(name):
+  module = models.make_model(name, num_outputs=50)
+  params = _init(module, (8,))   # float zeros: cast to token ids
+  d, heads, kv, hd, ff, layers, vocab = 64, 4, 2, 16, 192, 2, 50
+  per_layer = (2 * d + d * heads * hd + 2 * d * kv * hd + heads * hd * d + 3 * d * ff
+               + (2 * hd if name == 'qwen3' else 0))
+  head = 0 if name == 'qwen3' else d * vocab   # Qwen3 ties the output to the embedding
+  assert sum(x.size for x in jax.tree.leaves(params)) == vocab * d + layers * per_layer + d + head
+  assert ('head' in params) == (name == 'llama')
+  tokens = np.arange(16, dtype=np.int32).reshape(2, 8) % vocab
+  assert jax.jit(models.linen_apply_fn(module))(params, tokens).shape == (2, 8, vocab)
+  with pytest.raises(ValueError, match=r"model 'qwen3' has no attribute\(s\) \['hidden'\]"):
+    models.make_model('qwen3', num_outputs=50, hidden=(3,))
