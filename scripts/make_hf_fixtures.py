@@ -124,6 +124,30 @@ def verify(out: str) -> None:
         print(f'  cljax-saved ({sorted(os.listdir(saved))}) loaded by transformers '
               f'{cls.__name__}: max |diff| {diff:.2e}')
         assert diff == 0.0, diff
+  _verify_fresh(models, cls_of={n: c for n, (_, c, _) in _configs().items()})
+
+
+def _verify_fresh(models, cls_of) -> None:
+  """Models built in cljax (no HF source) saved with config.json written by cljax."""
+  import jax   # pylint: disable=import-outside-toplevel
+  for name, kwargs, shape in (('qwen3', {}, (2, 9)), ('llama', {}, (2, 9)),
+                              ('vit', {'patch_size': 4}, (2, 8, 8, 3))):
+    module = models.make_model(name, num_outputs=11, **kwargs)
+    x = np.random.default_rng(0).integers(0, 11, size=shape) if name != 'vit' else \
+        np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    params = jax.jit(module.init)(jax.random.key(0), np.zeros((1, *shape[1:]), x.dtype))['params']
+    ours = np.asarray(models.linen_apply_fn(module)(params, x))
+    with tempfile.TemporaryDirectory() as tmp:
+      models.save_pretrained(tmp + '/m', params, like=module)
+      loaded = transformers.AutoConfig.from_pretrained(tmp + '/m')
+      cls = cls_of[name]
+      torch_x = x if name != 'vit' else x.transpose(0, 3, 1, 2)
+      kind = 'input_ids' if name != 'vit' else 'pixel_values'
+      theirs = _logits(cls.from_pretrained(tmp + '/m').eval(), kind, np.ascontiguousarray(torch_x))
+    diff = np.abs(ours - theirs).max()
+    print(f'fresh {name} ({type(loaded).__name__}) saved by cljax, run by transformers: '
+          f'max |diff| {diff:.2e}')
+    assert diff < 1e-4, diff
 
 
 def main() -> None:

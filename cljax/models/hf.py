@@ -8,7 +8,9 @@ the shapes it needs, and reads them into a params pytree (HF ``(out, in)`` Linea
 `save_pretrained` is the inverse: the same names and layouts, the dtypes of the checkpoint it was
 loaded from, written by cljax's streaming safetensors writer (shards + index as transformers
 writes them) next to a copy of that checkpoint's ``config.json``, so
-``transformers.AutoModelFor*.from_pretrained`` and ``cljax-merge`` read the result.
+``transformers.AutoModelFor*.from_pretrained`` and ``cljax-merge`` read the result. A model
+built in cljax (`cljax.models.make_model`: 'qwen3', 'llama', 'vit') is saved with a
+``config.json`` written from its module (``TO_CONFIG``).
 
 A new architecture is a module file with an ``hf_tensors`` name map plus one `Architecture` line.
 """
@@ -75,6 +77,13 @@ ARCHITECTURES: dict = {
 }
 
 
+# Module class -> ``(module, params) -> config.json`` dict, for saving models built in cljax.
+TO_CONFIG: dict = {
+    lm.CausalLM: lambda module, params: lm.config_to_hf(module.config),
+    vit.ViTClassifier: vit.config_to_hf,
+}
+
+
 class _Resolved(NamedTuple):
   folder: str
   config: dict
@@ -131,6 +140,34 @@ def from_hf(x: np.ndarray, layout: str) -> np.ndarray:
   return x
 
 
+def _build(config: dict, source: str) -> tuple:
+  """(architecture name, module) for a parsed ``config.json``."""
+  names = config.get('architectures')
+  known = [a for a in (names or []) if a in ARCHITECTURES] if isinstance(names, list) else []
+  if len(known) != 1:
+    raise ValueError(f'{source}: config key `architectures` is {names!r}; cljax loads exactly one '
+                     f'of {sorted(ARCHITECTURES)}')
+  return known[0], ARCHITECTURES[known[0]].build(config, source)
+
+
+def _layout(folder: str, config: dict, name: str, module: nn.Module) -> _Resolved:
+  """The tensor map and every tensor's shape for a built module."""
+  arch = ARCHITECTURES[name]
+  example = arch.example(config)
+  abstract = jax.eval_shape(lambda k: module.init(k, jnp.zeros(example.shape, example.dtype)),
+                            jax.random.key(0))['params']
+  leaves = {tuple(paths.key_name(k) for k in p): leaf
+            for p, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+  tensors = arch.tensors(module)
+  mapped = {path for _, path, _ in tensors}
+  if mapped != set(leaves) or len(mapped) != len(tensors):   # a bug in an `hf_tensors` map
+    raise AssertionError(f'{name}: the HF name map and the module disagree on '
+                         f'{sorted(mapped ^ set(leaves))[:3]}')
+  shapes = {hf: hf_shape(leaves[path].shape, layout) for hf, path, layout in tensors}
+  param_shapes = {'/'.join(p): tuple(leaf.shape) for p, leaf in leaves.items()}
+  return _Resolved(folder, config, name, module, tensors, shapes, param_shapes)
+
+
 def _resolve(folder: str, overrides: dict) -> _Resolved:
   folder = os.path.abspath(os.path.expanduser(folder))
   config = _read_config(folder)
@@ -140,26 +177,8 @@ def _resolve(folder: str, overrides: dict) -> _Resolved:
     raise ValueError(f'override(s) {unknown} are not keys of {source} (overrides replace '
                      f'config.json values)')
   config = {**config, **overrides}
-  names = config.get('architectures')
-  known = [a for a in (names or []) if a in ARCHITECTURES] if isinstance(names, list) else []
-  if len(known) != 1:
-    raise ValueError(f'{source}: config key `architectures` is {names!r}; cljax loads exactly one '
-                     f'of {sorted(ARCHITECTURES)}')
-  arch = ARCHITECTURES[known[0]]
-  module = arch.build(config, source)
-  abstract = jax.eval_shape(lambda k: module.init(k, jnp.zeros(arch.example(config).shape,
-                                                               arch.example(config).dtype)),
-                            jax.random.key(0))['params']
-  leaves = {tuple(paths.key_name(k) for k in p): leaf
-            for p, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
-  tensors = arch.tensors(module)
-  mapped = {path for _, path, _ in tensors}
-  if mapped != set(leaves) or len(mapped) != len(tensors):   # a bug in an `hf_tensors` map
-    raise AssertionError(f'{known[0]}: the HF name map and the module disagree on '
-                         f'{sorted(mapped ^ set(leaves))[:3]}')
-  shapes = {name: hf_shape(leaves[path].shape, layout) for name, path, layout in tensors}
-  param_shapes = {'/'.join(p): tuple(leaf.shape) for p, leaf in leaves.items()}
-  return _Resolved(folder, config, known[0], module, tensors, shapes, param_shapes)
+  name, module = _build(config, source)
+  return _layout(folder, config, name, module)
 
 
 def _check_checkpoint(r: _Resolved) -> safetensors_reader.Checkpoint:
@@ -232,20 +251,23 @@ def from_pretrained(path: str, *, param_dtype: Optional[Any] = jnp.float32,
   return linen.linen_apply_fn(r.module), _nest(items)
 
 
-def save_pretrained(path: str, params: Any, *, like: str,
+def save_pretrained(path: str, params: Any, *, like: 'str | nn.Module',
                     max_shard_size: 'str | int' = '5GB') -> list:
-  """Writes params as a Hugging Face model folder shaped like ``like``.
+  """Writes params as a Hugging Face model folder that transformers and cljax-merge read.
 
-  Tensor names, layouts and dtypes are those of ``like``'s checkpoint (float32 params saved
-  over a bfloat16 checkpoint are rounded to bfloat16), in ``like``'s storage order;
-  ``config.json`` and the side files (``SIDE_FILES``: generation config, tokenizer) are copied
-  from ``like`` unchanged, so overrides given to `from_pretrained` are not recorded.
+  With ``like`` a folder (the one the params were loaded from), tensor names, layouts, dtypes
+  and storage order are that checkpoint's (float32 params saved over a bfloat16 checkpoint are
+  rounded to bfloat16), and ``config.json`` and the side files (``SIDE_FILES``: generation
+  config, tokenizer) are copied unchanged, so overrides given to `from_pretrained` are not
+  recorded. With ``like`` a module built in cljax (a `cljax.models.CausalLM` or
+  `cljax.models.ViTClassifier`, e.g. from `make_model`), ``config.json`` is written from the
+  module (``TO_CONFIG``) and every tensor keeps its params dtype.
 
   Args:
     path: the output folder; created if missing, and it must not already hold a
       ``config.json`` or safetensors files.
-    params: the pytree `from_pretrained` returned for ``like`` (same paths and shapes).
-    like: the Hugging Face folder the params were loaded from.
+    params: the model's pytree (the paths and shapes `from_pretrained` returns for ``like``).
+    like: the Hugging Face folder the params were loaded from, or the module they belong to.
     max_shard_size: bytes or e.g. '5GB'; larger checkpoints are split into
       ``model-0000i-of-0000n.safetensors`` shards plus ``model.safetensors.index.json``.
 
@@ -254,23 +276,31 @@ def save_pretrained(path: str, params: Any, *, like: str,
 
   Raises:
     FileExistsError: ``path`` already holds a model.
-    ValueError: ``like`` is not loadable (as in `from_pretrained`), or a parameter path is
-      missing from ``params``, extra, or of the wrong shape (naming the pytree path). Nothing
-      is written when any check fails.
+    ValueError: ``like`` is not loadable (as in `from_pretrained`) or a module with no HF
+      architecture, or a parameter path is missing from ``params``, extra, or of the wrong
+      shape (naming the pytree path). Nothing is written when any check fails.
   """
-  r = _resolve(like, {})
-  ckpt = _check_checkpoint(r)
   leaves = {paths.path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  if isinstance(like, nn.Module):
+    if type(like) not in TO_CONFIG:
+      raise ValueError(f'{type(like).__name__} has no Hugging Face architecture; cljax saves '
+                       f'{sorted(t.__name__ for t in TO_CONFIG)}')
+    config = TO_CONFIG[type(like)](like, params)
+    r = _layout('', config, *_build(config, f'the config of {type(like).__name__}'))
+    source, ckpt = type(like).__name__, None
+  else:
+    r = _resolve(like, {})
+    source, ckpt = like, _check_checkpoint(r)
   by_path = {'/'.join(p): (name, layout) for name, p, layout in r.tensors}
   for key in by_path:
     if key not in leaves:
-      raise ValueError(f'params has no leaf {key!r}, which {r.architecture} ({like}) needs')
+      raise ValueError(f'params has no leaf {key!r}, which {r.architecture} ({source}) needs')
   for key, leaf in leaves.items():
     if key not in by_path:
-      raise ValueError(f'params leaf {key!r} is not a parameter of {r.architecture} ({like})')
+      raise ValueError(f'params leaf {key!r} is not a parameter of {r.architecture} ({source})')
     if tuple(np.shape(leaf)) != r.param_shapes[key]:
       raise ValueError(f'params leaf {key!r} has shape {tuple(np.shape(leaf))}; {r.architecture} '
-                       f'({like}) needs {r.param_shapes[key]}')
+                       f'({source}) needs {r.param_shapes[key]}')
   out = os.path.abspath(os.path.expanduser(path))
   if os.path.isdir(out):
     taken = [f for f in os.listdir(out) if f == CONFIG_NAME or f.endswith('.safetensors')
@@ -279,16 +309,24 @@ def save_pretrained(path: str, params: Any, *, like: str,
       raise FileExistsError(f'{out} already holds a model ({taken[0]}); save to a new folder')
   tensor_of = {name: leaves['/'.join(p)] for name, p, _ in r.tensors}
   layout_of = {name: layout for name, _, layout in r.tensors}
-  specs = [safetensors_writer.TensorSpec(name, info.dtype, tuple(info.shape))
-           for name, info in ckpt.tensors.items()]
+  if ckpt is not None:
+    dtype_of = {name: info.dtype for name, info in ckpt.tensors.items()}
+  else:
+    dtype_of = {name: np.dtype(tensor_of[name].dtype) for name, _, _ in r.tensors}
+  specs = [safetensors_writer.TensorSpec(name, dtype, r.shapes[name])
+           for name, dtype in dtype_of.items()]
 
   def produce(name: str) -> np.ndarray:
     value = to_hf(np.asarray(jax.device_get(tensor_of[name])), layout_of[name])
-    return np.ascontiguousarray(value.astype(ckpt.tensors[name].dtype))
+    return np.ascontiguousarray(value.astype(dtype_of[name]))
 
   os.makedirs(out, exist_ok=True)
   plans = safetensors_writer.write_checkpoint(out, specs, produce, max_shard_size=max_shard_size)
-  for file in (CONFIG_NAME,) + SIDE_FILES:
+  if ckpt is None:
+    with open(os.path.join(out, CONFIG_NAME), 'x') as f:
+      json.dump(r.config, f, indent=2, sort_keys=True)
+      f.write('\n')
+  for file in () if ckpt is None else (CONFIG_NAME,) + SIDE_FILES:
     if os.path.isfile(os.path.join(r.folder, file)):
       shutil.copyfile(os.path.join(r.folder, file), os.path.join(out, file))
   return plans

@@ -354,3 +354,50 @@ def config_from_hf(cfg: dict, *, qk_norm: bool, source: str) -> LMConfig:
       attention_bias=bool(cfg.get('attention_bias', False)),
       mlp_bias=bool(cfg.get('mlp_bias', False)), hidden_act=act)
 
+
+
+def config_to_hf(config: LMConfig, *, max_position_embeddings: int = 4096) -> dict:
+  """The HF ``config.json`` of an `LMConfig` (``Qwen3ForCausalLM`` with QK-norm, else Llama).
+
+  RoPE is written both as transformers 5's ``rope_parameters`` and as transformers 4's
+  ``rope_theta`` / ``rope_scaling``.
+
+  Args:
+    config: the architecture.
+    max_position_embeddings: recorded for transformers (cljax's RoPE has no length limit).
+
+  Returns:
+    A JSON-serialisable dict that `config_from_hf` maps back to ``config``.
+
+  Raises:
+    ValueError: ``mlp_bias`` with QK-norm (HF's Qwen3 has no MLP biases).
+  """
+  qwen3 = config.qk_norm
+  if qwen3 and config.mlp_bias:
+    raise ValueError('a Qwen3 (qk_norm) LM with mlp_bias has no Hugging Face architecture')
+  rope = {'rope_type': 'default', 'rope_theta': config.rope_theta}
+  if config.rope_scaling is not None:
+    rope.update(dict(config.rope_scaling), rope_type='llama3')
+    rope['original_max_position_embeddings'] = int(rope['original_max_position_embeddings'])
+  out = {
+      'architectures': ['Qwen3ForCausalLM' if qwen3 else 'LlamaForCausalLM'],
+      'model_type': 'qwen3' if qwen3 else 'llama',
+      'vocab_size': config.vocab_size, 'hidden_size': config.hidden_size,
+      'intermediate_size': config.intermediate_size,
+      'num_hidden_layers': config.num_hidden_layers,
+      'num_attention_heads': config.num_attention_heads,
+      'num_key_value_heads': config.num_key_value_heads, 'head_dim': config.head_dim,
+      'hidden_act': config.hidden_act, 'rms_norm_eps': config.rms_norm_eps,
+      'max_position_embeddings': max_position_embeddings,
+      'tie_word_embeddings': config.tie_word_embeddings,
+      'attention_bias': config.attention_bias, 'attention_dropout': 0.0,
+      'rope_parameters': rope, 'rope_theta': config.rope_theta,
+      'rope_scaling': (None if config.rope_scaling is None
+                       else {k: v for k, v in rope.items() if k != 'rope_theta'}),
+      'dtype': 'float32',
+  }
+  if qwen3:
+    out['use_sliding_window'] = False
+  else:
+    out['mlp_bias'] = config.mlp_bias
+  return out

@@ -278,3 +278,41 @@ def module_from_hf(cfg: dict, *, source: str) -> ViTClassifier:
       layer_norm_eps=float(cfg.get('layer_norm_eps', 1e-12)), hidden_act=act,
       qkv_bias=bool(cfg.get('qkv_bias', True)),
       dropout_rate=float(cfg.get('hidden_dropout_prob', 0.0)))
+
+
+def config_to_hf(module: ViTClassifier, params: dict) -> dict:
+  """The HF ``ViTConfig`` ``config.json`` of a module and its params.
+
+  The image size and channel count are not module attributes; they are read from the params
+  (square images: ``position_embeddings`` holds (image_size / patch_size)^2 + 1 tokens, the
+  patch kernel ``(p, p, num_channels, D)``).
+
+  Args:
+    module: the `ViTClassifier`.
+    params: its parameters.
+
+  Returns:
+    A JSON-serialisable dict that `module_from_hf` maps back to ``module``.
+
+  Raises:
+    ValueError: the patch grid is not square.
+  """
+  emb = params['vit']['embeddings']
+  patches = int(emb['position_embeddings'].shape[1]) - 1
+  side = int(round(patches ** 0.5))
+  if side * side != patches:
+    raise ValueError(f'vit/embeddings/position_embeddings holds {patches} patch positions, not '
+                     f'a square grid: HF ViT configs describe square images only')
+  labels = {str(i): f'LABEL_{i}' for i in range(module.num_outputs)}
+  return {
+      'architectures': ['ViTForImageClassification'], 'model_type': 'vit',
+      'hidden_size': module.hidden_size, 'num_hidden_layers': module.num_hidden_layers,
+      'num_attention_heads': module.num_attention_heads,
+      'intermediate_size': module.intermediate_size, 'hidden_act': module.hidden_act,
+      'hidden_dropout_prob': module.dropout_rate, 'attention_probs_dropout_prob': 0.0,
+      'layer_norm_eps': module.layer_norm_eps, 'image_size': side * module.patch_size,
+      'patch_size': module.patch_size,
+      'num_channels': int(emb['patch_embeddings']['projection']['kernel'].shape[2]),
+      'qkv_bias': module.qkv_bias, 'id2label': labels,
+      'label2id': {v: int(k) for k, v in labels.items()}, 'dtype': 'float32',
+  }

@@ -249,3 +249,50 @@ def test_save_refuses_wrong_params_and_writes_nothing(tmp_path):
   models.save_pretrained(out, params, like=_folder('qwen3'))
   with pytest.raises(FileExistsError, match='already holds a model'):
     models.save_pretrained(out, params, like=_folder('qwen3'))
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_written_config_agrees_with_transformers_config(name, tmp_path):
+  """cljax's config.json for a module equals transformers' own on every key both write."""
+  with open(os.path.join(_folder(name), 'config.json')) as f:
+    theirs = json.load(f)
+  _, params = models.from_pretrained(_folder(name))
+  module = models.hf.ARCHITECTURES[theirs['architectures'][0]].build(theirs, 'fixture')
+  ours = models.hf.TO_CONFIG[type(module)](module, params)
+  # Not in transformers 5's file: the transformers-4 RoPE keys; ours has no length limit.
+  skip = {'rope_theta', 'rope_scaling', 'max_position_embeddings'}
+  shared = (set(ours) & set(theirs)) - skip
+  assert {'architectures', 'hidden_size', 'num_hidden_layers', 'num_attention_heads'} <= shared
+  assert {k: ours[k] for k in shared} == {k: theirs[k] for k in shared}
+  missing = {k for k in theirs if k not in ours}
+  # What transformers writes that cljax leaves to its defaults: ids, init and cache settings.
+  assert missing <= {'bos_token_id', 'eos_token_id', 'pad_token_id', 'initializer_range',
+                     'use_cache', 'transformers_version', 'pretraining_tp', 'layer_types',
+                     'max_window_layers', 'sliding_window', 'encoder_stride', 'pooler_act',
+                     'pooler_output_size'}, missing
+
+
+@pytest.mark.parametrize('name,shape', [('qwen3', (2, 7)), ('llama', (2, 7)),
+                                        ('vit', (2, 8, 8, 3))])
+def test_fresh_model_saves_and_loads_back(name, shape, tmp_path):
+  module = models.make_model(name, num_outputs=11, **({'patch_size': 4} if name == 'vit' else {}))
+  rng = np.random.default_rng(0)
+  x = (rng.integers(0, 11, size=shape).astype(np.int32) if name != 'vit'
+       else rng.normal(size=shape).astype(np.float32))
+  params = jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, *shape[1:]), x.dtype))['params']
+  models.save_pretrained(tmp_path / 'm', params, like=module)
+  config = json.loads((tmp_path / 'm' / 'config.json').read_text())
+  assert config['architectures'] == [{'qwen3': 'Qwen3ForCausalLM', 'llama': 'LlamaForCausalLM',
+                                      'vit': 'ViTForImageClassification'}[name]]
+  apply_fn, loaded = models.from_pretrained(tmp_path / 'm')
+  jax.tree.map(np.testing.assert_array_equal, loaded, params)
+  np.testing.assert_array_equal(jax.jit(apply_fn)(loaded, x),
+                                jax.jit(models.linen_apply_fn(module))(params, x))
+
+
+def test_saving_a_module_without_hf_architecture_is_refused(tmp_path):
+  module = models.make_model('mlp', num_outputs=3, hidden=(4,))
+  with pytest.raises(ValueError, match=r"MLP has no Hugging Face architecture; cljax saves "
+                                       r"\['CausalLM', 'ViTClassifier'\]"):
+    models.save_pretrained(tmp_path / 'm', {}, like=module)
+  assert not (tmp_path / 'm').exists()
