@@ -39,7 +39,6 @@ CONFIG_NAME = 'config.json'
 SIDE_FILES = ('generation_config.json', 'preprocessor_config.json', 'tokenizer.json',
               'tokenizer_config.json', 'special_tokens_map.json', 'vocab.json', 'merges.txt',
               'tokenizer.model', 'added_tokens.json', 'chat_template.jinja')
-_LAYOUTS = ('linear', 'conv', 'same')
 
 
 class Architecture(NamedTuple):
@@ -48,7 +47,8 @@ class Architecture(NamedTuple):
   Attributes:
     build: ``(config_json, source) -> module`` (``source`` is the config file, for errors).
     tensors: ``module -> [(hf_name, path, layout)]`` for every parameter.
-    example: ``config_json -> array`` of one input, for ``module.init`` under ``eval_shape``.
+    example: ``config_json -> ShapeDtypeStruct`` of a one-example input batch, for
+      ``module.init`` under ``eval_shape``.
   """
 
   build: Callable[[dict, str], nn.Module]
