@@ -1,8 +1,9 @@
-"""Bundled Flax Linen models and the ``(apply_fn, params)`` pair every algorithm takes.
+"""Flax Linen classifiers (MLP, CNN) and the ``(apply_fn, params)`` pair every algorithm takes.
 
 Every model's last layer is named ``head`` so that regex rules (``'head/.*'``) can select it: a
 task-incremental stream gives each task a disjoint block of the head's outputs (see
 `cljax.methods.base.Batch.mask`), which is the multi-head setting with one shared output layer.
+Models are looked up by name in `cljax.models.REGISTRY`.
 """
 
 from __future__ import annotations
@@ -26,18 +27,23 @@ class MLP(nn.Module):
     hidden: widths of the hidden layers (ReLU).
     num_outputs: size of the output layer ``head``.
     use_bias: whether Dense layers have biases.
+    dropout_rate: inverted dropout after every hidden ReLU when ``train=True`` (Srivastava et al.,
+      JMLR 2014); it draws from the ``'dropout'`` stream, so training needs ``rngs`` (a key or
+      ``{'dropout': key}``). 0 (the default) is the plain network, the same in train and eval.
   """
 
   hidden: Sequence[int] = (100, 100)
   num_outputs: int = 10
   use_bias: bool = True
+  dropout_rate: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    del train  # No dropout or batch norm: train and eval are the same function.
     x = x.reshape((x.shape[0], -1))
     for i, width in enumerate(self.hidden):
       x = nn.relu(nn.Dense(width, use_bias=self.use_bias, name=f'dense{i}')(x))
+      if self.dropout_rate:
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     return nn.Dense(self.num_outputs, use_bias=self.use_bias, name='head')(x)
 
 
@@ -70,35 +76,20 @@ class CNN(nn.Module):
     return nn.Dense(self.num_outputs, use_bias=self.use_bias, name='head')(x)
 
 
-MODELS = {'mlp': MLP, 'cnn': CNN}
-
-
-def make_model(name: str, *, num_outputs: int, **kwargs: Any) -> nn.Module:
-  """Builds a bundled model by name.
-
-  Args:
-    name: one of ``MODELS`` ('mlp', 'cnn').
-    num_outputs: size of the output layer.
-    **kwargs: the module's attributes (``hidden``, ``channels``, ``use_bias``).
-
-  Raises:
-    ValueError: unknown name or attribute.
-  """
-  if name not in MODELS:
-    raise ValueError(f'unknown model {name!r}; choose one of {sorted(MODELS)} (config key `model`)')
-  cls = MODELS[name]
-  fields = set(cls.__dataclass_fields__) - {'parent', 'name'}
-  unknown = set(kwargs) - fields
-  if unknown:
-    raise ValueError(f'model {name!r} has no attribute(s) {sorted(unknown)}; it takes {sorted(fields)}')
-  return cls(num_outputs=num_outputs, **kwargs)
-
-
 def linen_apply_fn(module: nn.Module) -> Callable[..., jax.Array]:
   """Turns a Linen module into ``apply_fn(params, x, *, train=False, rngs=None) -> logits``.
 
   ``params`` is the module's ``'params'`` collection itself (not ``{'params': ...}``), so task
-  vectors, Fishers and bases are pytrees of exactly the trainable weights.
+  vectors, Fishers and bases are pytrees of exactly the trainable weights. ``rngs`` goes to
+  ``module.apply`` unchanged: a ``{'dropout': key}`` dict, or one key, which Flax uses for every
+  stream the module draws from (dropout included). A module with dropout needs it when
+  ``train=True``; with ``train=False`` it is not used.
+
+  Args:
+    module: a Linen module whose ``__call__`` takes ``(x, *, train)``.
+
+  Returns:
+    ``apply_fn(params, x, *, train=False, rngs=None)`` returning the module's output (logits).
   """
 
   def apply_fn(params: Params, x: jax.Array, *, train: bool = False, rngs: Any = None) -> jax.Array:
@@ -108,5 +99,14 @@ def linen_apply_fn(module: nn.Module) -> Callable[..., jax.Array]:
 
 
 def init_params(module: nn.Module, key: jax.Array, input_shape: Sequence[int]) -> Params:
-  """Initialises the ``'params'`` collection for inputs of shape (1, *input_shape), float32."""
+  """Initialises the ``'params'`` collection for inputs of shape (1, *input_shape), float32.
+
+  Args:
+    module: a Linen module.
+    key: PRNG key of the initialisation.
+    input_shape: one example's shape, e.g. (28, 28, 1).
+
+  Returns:
+    The ``'params'`` collection (a nested dict of float32 arrays).
+  """
   return module.init(key, jnp.zeros((1, *input_shape), jnp.float32))['params']
