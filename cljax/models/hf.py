@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cljax import paths
-from cljax.merging import safetensors_reader
-from cljax.merging import safetensors_writer
+from cljax import tree as tree_lib
+from cljax.merge_io import safetensors_reader
+from cljax.merge_io import safetensors_writer
 from cljax.models import linen
 from cljax.models import lm
 from cljax.models import vit
@@ -156,7 +156,7 @@ def _layout(folder: str, config: dict, name: str, module: nn.Module) -> _Resolve
   example = arch.example(config)
   abstract = jax.eval_shape(lambda k: module.init(k, jnp.zeros(example.shape, example.dtype)),
                             jax.random.key(0))['params']
-  leaves = {tuple(paths.key_name(k) for k in p): leaf
+  leaves = {tuple(tree_lib.key_name(k) for k in p): leaf
             for p, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
   tensors = arch.tensors(module)
   mapped = {path for _, path, _ in tensors}
@@ -272,7 +272,7 @@ def save_pretrained(path: str, params: Any, *, like: 'str | nn.Module',
       ``model-0000i-of-0000n.safetensors`` shards plus ``model.safetensors.index.json``.
 
   Returns:
-    The list of `cljax.merging.safetensors_writer.ShardPlan` written.
+    The list of `cljax.merge_io.safetensors_writer.ShardPlan` written.
 
   Raises:
     FileExistsError: ``path`` already holds a model.
@@ -280,7 +280,7 @@ def save_pretrained(path: str, params: Any, *, like: 'str | nn.Module',
       architecture, or a parameter path is missing from ``params``, extra, or of the wrong
       shape (naming the pytree path). Nothing is written when any check fails.
   """
-  leaves = {paths.path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  leaves = {tree_lib.path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
   if isinstance(like, nn.Module):
     if type(like) not in TO_CONFIG:
       raise ValueError(f'{type(like).__name__} has no Hugging Face architecture; cljax saves '

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from cljax import models
-from cljax.merging import safetensors_reader
+from cljax.merge_io import safetensors_reader
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         'fixtures', 'hf')
