@@ -2,24 +2,83 @@
 
 With no flags it runs the embedded default (permuted sklearn digits, 5 tasks, finetune vs EWC)
 into ``runs/default``. Override any config key on the command line, e.g.
-``python launch.py --config=experiments/configs/default.py --config.num_tasks=3``.
+``python launch.py --config=experiments/configs/default.py --config.num_tasks=3``; without
+``--workdir`` such a run goes to ``runs/<config name>-<hash of the overrides>``, so runs of
+different overrides never share a workdir.
+
+Output: the progress bar, cljax's own progress lines and a summary. Orbax's and JAX's log lines
+appear only with ``--verbosity=0`` (INFO) or ``--verbosity=1`` (and DEBUG). A user error (a bad
+key, value, dataset or workdir) prints one line ``launch.py: error: ...`` and exits with status
+2; ``--traceback`` (or ``--verbosity=1``) shows the Python stack instead.
 """
 
+import hashlib
+import json
+import logging as std_logging
 import os
+import re
+import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 from ml_collections import config_flags
+import tqdm
 
 from cljax import experiment
 
+PROG = 'launch.py'
+USER_ERRORS = (ValueError, OSError, FloatingPointError)   # ValueError includes WorkdirError
+
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                'experiments', 'configs', 'default.py')
-_CONFIG = config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG,
-                                          'Experiment config file (ml_collections).',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory (default: runs/<config name>).')
+
+
+def error_line(e: BaseException) -> str:
+  """One line for a user error: ml_collections' quoted KeyError text unquoted, lines joined."""
+  while (isinstance(e, (KeyError, AttributeError)) and len(e.args) == 1
+         and isinstance(e.args[0], BaseException)):
+    e = e.args[0]   # ml_collections raises AttributeError(KeyError('...Did you mean...'))
+  if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str):
+    text = e.args[0]   # str(KeyError) would be its repr, newlines escaped
+  else:
+    text = str(e)
+  return '; '.join(line.strip() for line in text.splitlines() if line.strip()) or type(e).__name__
+
+
+def _wants_stack(argv) -> bool:
+  """--traceback or --verbosity >= 1 anywhere in ``argv`` (read before the flags are parsed)."""
+  for i, arg in enumerate(argv):
+    if arg in ('--traceback', '--traceback=true', '--traceback=True'):
+      return True
+    match = re.fullmatch(r'--?(?:verbosity|v)(?:=(-?\d+))?', arg)
+    if match:
+      value = match.group(1) or (argv[i + 1] if i + 1 < len(argv) else '')
+      if re.fullmatch(r'-?\d+', value) and int(value) >= 1:
+        return True
+  return False
+
+
+def _fail(e: BaseException, prefix: str = '') -> None:
+  print(f'{PROG}: error: {prefix}{error_line(e)}', file=sys.stderr)
+  sys.exit(2)
+
+
+_FLAG_ERRORS = (flags.Error, KeyError, AttributeError, ValueError, TypeError, OSError)
+try:   # ml_collections applies the --config.KEY overrides of sys.argv here, when defining
+  _CONFIG = config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG,
+                                            'Experiment config file (ml_collections).',
+                                            lock_config=True)
+except _FLAG_ERRORS as _e:
+  if _wants_stack(sys.argv):
+    raise
+  _fail(_e, 'no config key ' if isinstance(_e, (KeyError, AttributeError)) else '')
+_WORKDIR = flags.DEFINE_string('workdir', None,
+                               'Output directory (default: runs/<config name>, or '
+                               'runs/<config name>-<hash of the --config.* overrides>).')
+_TRACEBACK = flags.DEFINE_bool('traceback', False,
+                               'On an error, show the Python stack instead of one line.')
 _MULTIHOST = flags.DEFINE_bool('multihost', False,
                                'Call jax.distributed.initialize() first (one process per host).')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
@@ -28,24 +87,98 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processe
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process (with --multihost).')
 
 
+def _parse_flags(argv):
+  """absl's flag parsing, with a bad flag, key or value as one error line (exit status 2)."""
+  try:
+    return flags.FLAGS(argv)
+  except _FLAG_ERRORS as e:
+    if _wants_stack(argv):
+      raise
+    _fail(e)
+
+
+class _TqdmHandler(std_logging.Handler):
+  """Writes log records above the progress bar instead of through it."""
+
+  def emit(self, record):
+    try:
+      tqdm.tqdm.write(self.format(record), file=sys.stderr)
+    except Exception:  # pylint: disable=broad-except
+      self.handleError(record)
+
+
+def configure_logging() -> None:
+  """cljax's progress lines always; absl, Orbax and JAX INFO lines only with --verbosity."""
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+    std_logging.getLogger().setLevel(std_logging.WARNING)   # jax, orbax: standard loggers
+  logger = std_logging.getLogger('cljax')
+  if not any(isinstance(h, _TqdmHandler) for h in logger.handlers):
+    handler = _TqdmHandler()
+    handler.setFormatter(std_logging.Formatter('%(message)s'))
+    logger.addHandler(handler)
+  logger.setLevel(std_logging.INFO)
+  logger.propagate = False   # not printed a second time by absl's root handler
+
+
+def default_workdir(config_name: str, overrides: dict) -> str:
+  """``runs/<config name>``, or ``runs/<config name>-<8 hex digits>`` hashing the overrides.
+
+  Args:
+    config_name: the config file's name without ``.py``.
+    overrides: the ``--config.KEY=VALUE`` overrides, ``{key: value}`` (any order).
+  """
+  if not overrides:
+    return os.path.join('runs', config_name)
+  text = json.dumps({k: overrides[k] for k in sorted(overrides)}, sort_keys=True, default=repr)
+  return os.path.join('runs', f'{config_name}-{hashlib.sha256(text.encode()).hexdigest()[:8]}')
+
+
+def _summary_lines(results) -> list:
+  lines = []
+  for name, res in results.items():
+    if isinstance(res, dict) and all(k in res for k in ('acc', 'bwt', 'forgetting')):
+      lines.append(f'{name}: ACC {100 * res["acc"]:.2f}%  BWT {100 * res["bwt"]:.2f}  '
+                   f'forgetting {100 * res["forgetting"]:.2f}')
+  return lines
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if _MULTIHOST.value:
-    # Slurm, Cloud TPU and Open MPI are auto-detected; elsewhere pass the three flags.
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  config_file = config_flags.get_config_filename(flags.FLAGS['config'])
-  name = os.path.splitext(os.path.basename(config_file))[0]
-  config = _CONFIG.value
-  # config.experiment picks the runner: continual training (default) or model merging.
-  if config.get('experiment', 'continual') == 'merge':
-    from cljax import merge_experiment  # pylint: disable=g-import-not-at-top
-    run = merge_experiment.run
-  else:
-    run = experiment.run
-  run(config, _WORKDIR.value or os.path.join('runs', name))
+    _fail(ValueError(f'unexpected arguments: {" ".join(argv[1:])} (flags look like --name=value)'))
+  configure_logging()
+  show_stack = _TRACEBACK.value or flags.FLAGS.verbosity >= 1
+  try:
+    if _MULTIHOST.value:
+      # Slurm, Cloud TPU and Open MPI are auto-detected; elsewhere pass the three flags.
+      jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                                 num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+    config_file = config_flags.get_config_filename(flags.FLAGS['config'])
+    name = os.path.splitext(os.path.basename(config_file))[0]
+    config = _CONFIG.value
+    overrides = config_flags.get_override_values(flags.FLAGS['config'])
+    workdir = _WORKDIR.value or default_workdir(name, overrides)
+    if os.path.lexists(workdir) and not os.path.isdir(workdir):
+      raise ValueError(f'--workdir {workdir!r} is a file, not a folder; pass a folder path')
+    # config.experiment picks the runner: continual training (default) or model merging.
+    if config.get('experiment', 'continual') == 'merge':
+      from cljax import merge_experiment  # pylint: disable=g-import-not-at-top
+      run = merge_experiment.run
+    else:
+      run = experiment.run
+    results = run(config, workdir)
+  except USER_ERRORS as e:
+    if show_stack:
+      raise
+    _fail(e)
+  except KeyboardInterrupt:
+    print(f'{PROG}: interrupted; completed stages are kept in the workdir', file=sys.stderr)
+    sys.exit(130)
+  if jax.process_index() == 0:
+    for line in _summary_lines(results):
+      print(line)
+    print(f'results: {workdir}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
