@@ -342,3 +342,19 @@ def accuracy_row_scalars(row: Sequence[float]) -> dict[str, float]:
     tag -> accuracy, in task order.
   """
   return {f'accuracy/task_{j + 1}': float(a) for j, a in enumerate(row)}
+
+
+def task_row_line(task: int, num_tasks: int, row: Sequence[float]) -> str:
+  """The line a run prints after each task: that task's row of the accuracy matrix, in %.
+
+  Args:
+    task: the task just learned, 0-based.
+    num_tasks: tasks in the stream.
+    row: R[task, :], accuracies in [0, 1] on every task (only tasks 0..task are printed).
+
+  Returns:
+    e.g. ``'task 3/5: acc on tasks 1..3 = 97.2 91.0 98.1'``.
+  """
+  seen = ' '.join(f'{100.0 * float(a):.1f}' for a in list(row)[: task + 1])
+  tasks = '1' if task == 0 else f'1..{task + 1}'
+  return f'task {task + 1}/{num_tasks}: acc on tasks {tasks} = {seen}'

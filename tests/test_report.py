@@ -114,3 +114,9 @@ def test_per_task_heatmap_colours_73_and_99_far_apart(tmp_path):
   report.plot_per_task_heatmap(str(tmp_path / 'h.png'), values, row_labels=['a', 'b'],
                                col_labels=['t1', 't2'])
   assert (tmp_path / 'h.png').stat().st_size > 0
+
+
+def test_task_row_line():
+  assert (report.task_row_line(2, 5, [0.972, 0.91, 0.9814, 0.1, 0.1])
+          == 'task 3/5: acc on tasks 1..3 = 97.2 91.0 98.1')
+  assert report.task_row_line(0, 2, [0.5, 0.25]) == 'task 1/2: acc on tasks 1 = 50.0'
