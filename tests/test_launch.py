@@ -63,6 +63,8 @@ def test_bad_value_dataset_and_workdir_are_one_line(tmp_path):
   assert 'flag --config.num_tasks=abc' in line
   line = _one_line_error(_launch(['--config.dataset=nope'], cwd=tmp_path))
   assert "dataset 'nope'" in line
+  proc = _launch(['--config.dataset=nope', '--verbosity=1'], cwd=tmp_path)   # absl's default
+  assert proc.returncode != 0 and 'Traceback (most recent call last)' in proc.stderr
   (tmp_path / 'afile').write_text('x')
   line = _one_line_error(_launch(['--workdir=afile'], cwd=tmp_path))
   assert line == "launch.py: error: --workdir 'afile' is a file, not a folder; pass a folder path"
