@@ -7,8 +7,8 @@ The config format is `cljax.merging.mergekit_config`'s (mergekit's common subset
 methods); the merge is `cljax.merging.checkpoint_merge.merge_checkpoints`. Flags override the
 config's ``dtype``, ``parameters.trim`` and ``exclude``. Exit status 0 on success, 1 when the
 config, the inputs or the output folder are wrong (one line on stderr naming the problem;
-``--traceback`` shows the Python stack instead), 130 on Ctrl-C; in both failure cases no output
-folder is left behind.
+``--traceback`` shows the Python stack instead), 2 for a bad command line (one line too), 130 on
+Ctrl-C; in these failure cases no output folder is left behind.
 """
 
 from __future__ import annotations
@@ -24,8 +24,15 @@ from cljax.merging import mergekit_config
 PROG = 'cljax-merge'
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse with a usage error as one line (``cljax-merge: error: ...``, exit status 2)."""
+
+  def error(self, message):
+    self.exit(2, f'{PROG}: error: {" ".join(message.splitlines())} (see {PROG} --help)\n')
+
+
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
       prog=PROG,
       description='Merge Hugging Face safetensors or Orbax checkpoints out of core (one tensor '
                   'block at a time) with cljax.merging, from a mergekit-style YAML config, into '

@@ -267,3 +267,13 @@ def test_a_second_merge_into_the_same_output_is_refused(workspace, capsys):
   finally:
     checkpoint_merge._unlock_output(lock)
   assert not (tmp / 'out').exists()
+
+
+def test_bad_command_line_is_one_line_exit_2(workspace, capsys):
+  with pytest.raises(SystemExit) as info:
+    cli.main(['merge.yml', 'out', '--dtype', 'int8'])
+  assert info.value.code == 2
+  err = capsys.readouterr().err
+  (line,) = err.strip().splitlines()
+  assert line.startswith("cljax-merge: error: argument --dtype: invalid choice: 'int8'")
+  assert line.endswith('(see cljax-merge --help)')
