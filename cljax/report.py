@@ -245,7 +245,8 @@ class MetricWriter:
   TensorBoard is also told to discard the run's older events from that step on (tensorboardX's
   ``purge_step``); a later repeated step shows in TensorBoard twice.
 
-  Use as a context manager, or call `close`; rows are flushed as they are written.
+  Use as a context manager, or call `close`; rows are flushed as they are written. In a
+  multi-process run, create it on process 0 only.
   """
 
   def __init__(self, directory: str):
