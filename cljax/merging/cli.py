@@ -14,9 +14,10 @@ Ctrl-C; in these failure cases no output folder is left behind.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from cljax.merging import checkpoint_merge
 from cljax.merging import mergekit_config
@@ -87,15 +88,26 @@ class _StderrHandler(logging.StreamHandler):
     del value   # always the current sys.stderr
 
 
-def _configure_logging() -> None:
-  """cljax's INFO lines on stderr, once: one handler, not propagated to a root handler."""
+@contextlib.contextmanager
+def _logging_to_stderr() -> Iterator[None]:
+  """cljax's INFO lines on stderr, once, while the command runs; the loggers restored after.
+
+  One handler on the ``cljax`` logger and no propagation to the root logger, where some imports
+  (Orbax's stack) install a handler that printed every line a second time.
+  """
   logger = logging.getLogger('cljax')
-  if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
-    handler = _StderrHandler()
-    handler.setFormatter(_LineFormatter())
-    logger.addHandler(handler)
+  saved = logger.level, logger.propagate
+  handler = _StderrHandler()
+  handler.setFormatter(_LineFormatter())
+  logger.addHandler(handler)
   logger.setLevel(logging.INFO)
-  logger.propagate = False   # a root handler (some imports install one) would print it again
+  logger.propagate = False
+  try:
+    yield
+  finally:
+    logger.removeHandler(handler)
+    logger.setLevel(saved[0])
+    logger.propagate = saved[1]
 
 
 def _error_line(e: BaseException) -> str:
@@ -114,7 +126,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     0 on success, 1 on a configuration / input / output error, 130 when interrupted.
   """
   args = _parser().parse_args(argv)
-  _configure_logging()
+  with _logging_to_stderr():
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+  """`main` after parsing: the merge, its one-line errors and its summary line."""
   checkpoint_merge.return_freed_blocks_to_os()
   try:
     config = mergekit_config.load_config(args.config)

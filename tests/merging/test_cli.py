@@ -180,6 +180,8 @@ def test_info_lines_are_printed_once(workspace, capsys):
       assert err.startswith('cljax-merge: INFO: ties of 2 models -> ')
   finally:
     logging.root.removeHandler(root_handler)
+  logger = logging.getLogger('cljax')   # main() leaves the loggers as it found them
+  assert logger.propagate and not logger.handlers
 
 
 def test_unwritable_output_is_one_line(workspace, capsys):
