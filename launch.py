@@ -6,8 +6,9 @@ into ``runs/default``. Override any config key on the command line, e.g.
 ``--workdir`` such a run goes to ``runs/<config name>-<hash of the overrides>``, so runs of
 different overrides never share a workdir.
 
-Output: the progress bar, cljax's own progress lines and a summary. Orbax's and JAX's log lines
-appear only with ``--verbosity=0`` (INFO) or ``--verbosity=1`` (and DEBUG). A user error (a bad
+Output: the progress bar, the INFO lines of cljax's own modules (plain, above the bar; each
+method's summary) and, on stdout, ``results: <workdir>``. Orbax's and JAX's INFO lines appear
+only with ``--verbosity=0`` (INFO) or ``--verbosity=1`` (and DEBUG), in absl's format. A user error (a bad
 key, value, dataset or workdir) prints one line ``launch.py: error: ...`` and exits with status
 2; ``--traceback`` (or ``--verbosity=1``) shows the Python stack instead.
 """
@@ -26,6 +27,7 @@ import jax
 from ml_collections import config_flags
 import tqdm
 
+import cljax
 from cljax import experiment
 
 PROG = 'launch.py'
@@ -107,18 +109,44 @@ class _TqdmHandler(std_logging.Handler):
       self.handleError(record)
 
 
+_CLJAX_DIR = os.path.dirname(os.path.abspath(cljax.__file__))
+
+
+def _from_cljax(record: std_logging.LogRecord) -> bool:
+  return os.path.abspath(record.pathname).startswith(_CLJAX_DIR + os.sep)
+
+
+class _BelowWarningFilter(std_logging.Filter):
+  """Drops INFO / DEBUG records (Orbax's, JAX's and absl's chatter); keeps warnings and errors."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING
+
+
+class _CljaxInfoFilter(std_logging.Filter):
+  """Keeps the INFO records that cljax's own modules log through absl."""
+
+  def filter(self, record):
+    return record.levelno < std_logging.WARNING and _from_cljax(record)
+
+
 def configure_logging() -> None:
-  """cljax's progress lines always; absl, Orbax and JAX INFO lines only with --verbosity."""
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
-    std_logging.getLogger().setLevel(std_logging.WARNING)   # jax, orbax: standard loggers
-  logger = std_logging.getLogger('cljax')
-  if not any(isinstance(h, _TqdmHandler) for h in logger.handlers):
-    handler = _TqdmHandler()
-    handler.setFormatter(std_logging.Formatter('%(message)s'))
-    logger.addHandler(handler)
+  """cljax's progress lines always (plain, above the bar); Orbax's and JAX's INFO lines only
+  with --verbosity (then everything in absl's format, as absl prints it)."""
+  if flags.FLAGS['verbosity'].present:
+    return
+  plain = std_logging.Formatter('%(message)s')
+  logging.get_absl_handler().addFilter(_BelowWarningFilter())   # absl's handler is the root's
+  cljax_absl = _TqdmHandler()
+  cljax_absl.addFilter(_CljaxInfoFilter())
+  cljax_absl.setFormatter(plain)
+  logging.get_absl_logger().addHandler(cljax_absl)   # cljax modules calling absl.logging.info
+  logger = std_logging.getLogger('cljax')             # cljax modules using standard logging
+  handler = _TqdmHandler()
+  handler.setFormatter(plain)
+  handler.addFilter(_CljaxInfoFilter())
+  logger.addHandler(handler)
   logger.setLevel(std_logging.INFO)
-  logger.propagate = False   # not printed a second time by absl's root handler
 
 
 def default_workdir(config_name: str, overrides: dict) -> str:
@@ -132,15 +160,6 @@ def default_workdir(config_name: str, overrides: dict) -> str:
     return os.path.join('runs', config_name)
   text = json.dumps({k: overrides[k] for k in sorted(overrides)}, sort_keys=True, default=repr)
   return os.path.join('runs', f'{config_name}-{hashlib.sha256(text.encode()).hexdigest()[:8]}')
-
-
-def _summary_lines(results) -> list:
-  lines = []
-  for name, res in results.items():
-    if isinstance(res, dict) and all(k in res for k in ('acc', 'bwt', 'forgetting')):
-      lines.append(f'{name}: ACC {100 * res["acc"]:.2f}%  BWT {100 * res["bwt"]:.2f}  '
-                   f'forgetting {100 * res["forgetting"]:.2f}')
-  return lines
 
 
 def main(argv):
@@ -166,7 +185,7 @@ def main(argv):
       run = merge_experiment.run
     else:
       run = experiment.run
-    results = run(config, workdir)
+    run(config, workdir)   # the runner logs each method's summary line
   except USER_ERRORS as e:
     if show_stack:
       raise
@@ -175,8 +194,6 @@ def main(argv):
     print(f'{PROG}: interrupted; completed stages are kept in the workdir', file=sys.stderr)
     sys.exit(130)
   if jax.process_index() == 0:
-    for line in _summary_lines(results):
-      print(line)
     print(f'results: {workdir}')
 
 
