@@ -135,3 +135,26 @@ def test_check_resume_names_stage_method_and_keys():
                              method='ewc', stage=2)
   with pytest.raises(workdir_lib.WorkdirError, match='holds no config'):
     workdir_lib.check_resume(None, CONFIG, workdir='runs/x', method='ewc', stage=1)
+
+
+def test_runner_contract_refuses_a_resume_after_config_json_was_deleted(tmp_path):
+  """F1 as the runner meets it: config.json gone, the stage's meta still has the old config."""
+  import jax.numpy as jnp
+  from cljax import checkpoint
+  wd = str(tmp_path / 'w')
+  state = {'params': {'w': jnp.ones((2, 2))}}
+  with workdir_lib.claim(wd, CONFIG) as c:
+    with checkpoint.StageCheckpointer(os.path.join(wd, 'ewc', 'checkpoints'), name='ewc') as ckpt:
+      ckpt.save(1, state, {'config': CONFIG})
+    c.record_config()
+  os.remove(os.path.join(wd, 'config.json'))
+  changed = dict(CONFIG, learning_rate=0.01)
+  with workdir_lib.claim(wd, changed):   # nothing to compare at the workdir level any more
+    with checkpoint.StageCheckpointer(os.path.join(wd, 'ewc', 'checkpoints'), name='ewc') as ckpt:
+      step = ckpt.latest_step()
+      stage = ckpt.restore(step, state)
+      with pytest.raises(workdir_lib.WorkdirError, match=r'stage 1 of method ewc was written '
+                                                         r'with a different config \(keys '
+                                                         r'differing: learning_rate\)'):
+        workdir_lib.check_resume(stage.meta.get('config'), changed, workdir=wd, method='ewc',
+                                 stage=step)
