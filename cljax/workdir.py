@@ -116,7 +116,8 @@ class Claim:
     self._lock_fd, self._primary = lock_fd, primary
 
   def record_config(self) -> None:
-    """Writes ``config.json`` (atomically) if it is not there yet; call when a stage is saved.
+    """Writes ``config.json`` (atomically) if it is not there yet; call when a stage is saved
+    or restored.
 
     Only the primary process writes; on the others it only marks the config as recorded.
     """
@@ -199,7 +200,8 @@ def claim(workdir: str, config: Mapping[str, Any], *, primary: bool = True) -> C
   """Claims ``workdir`` for a run of ``config``: create, lock, and compare any ``config.json``.
 
   Call it after every check that can run before training, and hold the claim (``with``) for the
-  whole run; call `Claim.record_config` once the first stage is saved.
+  whole run; call `Claim.record_config` once the first stage is saved, or once a restored stage
+  passed `check_resume` (a finished run whose ``config.json`` was deleted gets it back).
 
   Args:
     workdir: the run's output folder (created with its parents if missing).
