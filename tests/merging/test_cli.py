@@ -201,7 +201,7 @@ def test_unwritable_output_is_one_line(workspace, capsys):
 
 
 def test_os_errors_while_writing_are_one_line(workspace, capsys, monkeypatch):
-  from cljax.merging import checkpoint_merge
+  checkpoint_merge = cli.checkpoint_merge   # the engine, wherever the package keeps it
 
   def full_disk(*args):
     raise OSError(28, 'No space left on device', 'out/model-00001-of-00002.safetensors')
@@ -214,9 +214,9 @@ def test_os_errors_while_writing_are_one_line(workspace, capsys, monkeypatch):
 
 
 _KILLED_SWAP = textwrap.dedent("""\
-    import os, sys
+    import importlib, os, sys
     sys.path.insert(0, {root!r})
-    from cljax.merging import cli
+    cli = importlib.import_module({cli!r})
     real_rename = os.rename
     def rename(src, dst):
       real_rename(src, dst)
@@ -231,7 +231,7 @@ def test_a_merge_killed_mid_swap_is_rolled_back_by_the_next_run(workspace, capsy
   tmp = workspace[0]
   assert cli.main(['merge.yml', 'out', '--no-progress']) == 0
   before = read_all(tmp / 'out')
-  proc = subprocess.run([sys.executable, '-c', _KILLED_SWAP.format(root=ROOT)], cwd=tmp,
+  proc = subprocess.run([sys.executable, '-c', _KILLED_SWAP.format(root=ROOT, cli=cli.__name__)], cwd=tmp,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 9, proc.stderr[-2000:]
   hidden = sorted(n for n in os.listdir(tmp) if n.startswith('.'))
@@ -259,7 +259,7 @@ def test_stale_temporary_folder_of_a_dead_run_is_removed(workspace, capsys):
 
 
 def test_a_second_merge_into_the_same_output_is_refused(workspace, capsys):
-  from cljax.merging import checkpoint_merge
+  checkpoint_merge = cli.checkpoint_merge
   tmp = workspace[0]
   lock = checkpoint_merge._lock_output(str(tmp / 'out'))   # a live merge holds it
   try:
