@@ -8,9 +8,9 @@ different overrides never share a workdir.
 
 Output: the progress bar, the INFO lines of cljax's own modules (plain, above the bar; each
 method's summary) and, on stdout, ``results: <workdir>``. Orbax's and JAX's INFO lines appear
-only with ``--verbosity=0`` (INFO) or ``--verbosity=1`` (and DEBUG), in absl's format. A user error (a bad
-key, value, dataset or workdir) prints one line ``launch.py: error: ...`` and exits with status
-2; ``--traceback`` (or ``--verbosity=1``) shows the Python stack instead.
+only with ``--verbosity=0`` (INFO) or ``--verbosity=1`` (and DEBUG), in absl's format. A user
+error (a bad key, value, dataset or workdir) prints one line ``launch.py: error: ...`` and exits
+with status 2; ``--traceback`` (or ``--verbosity=1``) shows the Python stack instead.
 """
 
 import hashlib

@@ -1,4 +1,4 @@
-"""cljax.workdir: exclusive claims, config checks on reuse and resume, failed runs leave no trace."""
+"""cljax.workdir: exclusive claims, config checks on reuse and resume, no trace of failed runs."""
 
 import json
 import os

@@ -489,7 +489,8 @@ def test_nan_in_a_model_is_named(tmp_path):
   assert leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize('method,kw', [('ties', dict(trim='per_tensor')), ('ties', dict(trim='global')),
+@pytest.mark.parametrize('method,kw', [('ties', dict(trim='per_tensor')),
+                                       ('ties', dict(trim='global')),
                                        ('task_arithmetic', {}), ('opcm', {})])
 def test_nan_in_the_base_names_the_base_not_a_finetuned_model(tmp_path, method, kw):
   base, models = random_models(n=2)

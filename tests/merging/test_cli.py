@@ -231,8 +231,9 @@ def test_a_merge_killed_mid_swap_is_rolled_back_by_the_next_run(workspace, capsy
   tmp = workspace[0]
   assert cli.main(['merge.yml', 'out', '--no-progress']) == 0
   before = read_all(tmp / 'out')
-  proc = subprocess.run([sys.executable, '-c', _KILLED_SWAP.format(root=ROOT, cli=cli.__name__)], cwd=tmp,
-                        capture_output=True, text=True, timeout=300)
+  script = _KILLED_SWAP.format(root=ROOT, cli=cli.__name__)
+  proc = subprocess.run([sys.executable, '-c', script], cwd=tmp, capture_output=True, text=True,
+                        timeout=300)
   assert proc.returncode == 9, proc.stderr[-2000:]
   hidden = sorted(n for n in os.listdir(tmp) if n.startswith('.'))
   assert not (tmp / 'out').exists()   # what the kill left: no output folder
