@@ -40,9 +40,14 @@ class StageCheckpointer:
 
   Use as a context manager, or call `close`; saves are synchronous so a stage is complete on disk
   when `save` returns.
+
+  Args:
+    directory: the folder of the numbered stage folders (created if missing).
+    name: what the stages belong to (a method's name), for error messages.
   """
 
-  def __init__(self, directory: str):
+  def __init__(self, directory: str, *, name: Optional[str] = None):
+    self._name = name
     self._manager = ocp.CheckpointManager(
         os.path.abspath(directory),
         options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
@@ -70,17 +75,62 @@ class StageCheckpointer:
   def restore(self, step: int, target: PyTree) -> Stage:
     """Restores stage ``step`` into the structure, shapes and dtypes of ``target``.
 
+    Args:
+      step: the stage (a step `latest_step` or `save` named).
+      target: a pytree of arrays (or ``jax.ShapeDtypeStruct``) of the state's layout.
+
+    Returns:
+      The `Stage`.
+
     Raises:
-      ValueError: the stored pytree does not match ``target`` (e.g. another model or method).
+      ValueError: the stage's files are damaged (truncated, garbled or missing array data or
+        metadata): "stage N of method M is damaged: <folder>; delete that folder to recompute
+        it"; or its stored arrays, intact, do not match ``target`` (another model or method).
     """
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    except (ValueError, KeyError, TypeError) as e:
-      raise ValueError(f'checkpoint {self._manager.directory}/{step} does not match this run\'s '
-                       f'model/method state: {e}') from e
-    return Stage(step, restored['state'], dict(restored['meta']))
+      meta = restored['meta']
+      if not isinstance(meta, Mapping):
+        raise ValueError(f'meta is a {type(meta).__name__}, not a JSON object')
+    except Exception as e:   # Orbax and TensorStore raise many types for damaged files
+      mismatch = self._mismatch(step, abstract)
+      if mismatch:
+        raise ValueError(f'checkpoint {self.step_directory(step)} does not match this run\'s '
+                         f'model/method state: {mismatch}') from e
+      raise ValueError(self._damaged(step)) from e
+    return Stage(step, restored['state'], dict(meta))
+
+  def step_directory(self, step: int) -> str:
+    """The folder of stage ``step``."""
+    return os.path.join(os.fspath(self._manager.directory), str(step))
+
+  def _damaged(self, step: int) -> str:
+    what = f'stage {step} of method {self._name}' if self._name else f'stage {step}'
+    return (f'{what} is damaged: {self.step_directory(step)}; delete that folder to recompute '
+            'it')
+
+  def _mismatch(self, step: int, abstract: PyTree) -> str:
+    """How the stored arrays differ from ``abstract``; '' if they match or cannot be read."""
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+      tree = handler.metadata(epath.Path(self.step_directory(step)) / 'state').tree
+      stored, _ = _array_infos(self.step_directory(step), tree)
+    except Exception:   # unreadable metadata: damaged, not a mismatch
+      return ''
+    finally:
+      handler.close()
+    wanted, _ = _array_infos('target', abstract)
+    for name in sorted(set(stored) | set(wanted)):
+      if name not in stored:
+        return f'{name!r} is in this run\'s state but not in the checkpoint'
+      if name not in wanted:
+        return f'{name!r} is in the checkpoint but not in this run\'s state'
+      if stored[name] != wanted[name]:
+        return (f'{name!r} is stored with shape {stored[name].shape} {stored[name].dtype}, this '
+                f'run has {wanted[name].shape} {wanted[name].dtype}')
+    return ''
 
   def close(self) -> None:
     self._manager.close()

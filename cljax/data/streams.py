@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
+import psutil
 from scipy import ndimage
 
 from cljax.data.sources import Dataset
@@ -91,6 +92,46 @@ def _check_dataset(dataset: Dataset) -> tuple[int, ...]:
     raise ValueError(f'dataset {dataset.name!r}: train images {dataset.x_train.shape[1:]} and '
                      f'test images {dataset.x_test.shape[1:]} differ in shape')
   return tuple(int(d) for d in dataset.x_train.shape[1:])
+
+
+def _check_memory(kind: str, num_tasks: int, total_bytes: int) -> None:
+  """Refuses a stream whose arrays would need more than the memory available now.
+
+  Raises:
+    ValueError: ``total_bytes`` exceeds ``psutil.virtual_memory().available`` (naming the
+      config key num_tasks and both sizes), before anything is allocated.
+  """
+  available = int(psutil.virtual_memory().available)
+  if total_bytes > available:
+    raise ValueError(f'{kind}: num_tasks={num_tasks} would materialise {total_bytes / 1e9:.3g} GB '
+                     f'of task arrays ({total_bytes / num_tasks / 1e6:.3g} MB per task), more '
+                     f'than the {available / 1e9:.3g} GB of memory available; lower num_tasks')
+
+
+def transformed_stream_bytes(dataset: Dataset, num_tasks: int, *, multi_head: bool,
+                             num_copies: int, permutation_size: int = 0) -> int:
+  """Bytes of host memory a permuted or rotated stream allocates for its tasks.
+
+  Every task holds its labels (int32) and masks (bool, one per output) for the train and test
+  examples; ``num_copies`` of the tasks also hold transformed float32 images (the others share
+  the dataset's); a permuted stream draws one int64 permutation of ``permutation_size`` entries
+  per task.
+
+  Args:
+    dataset: the source `Dataset`.
+    num_tasks: number of tasks.
+    multi_head: whether each task has its own head (``num_tasks * num_classes`` outputs).
+    num_copies: tasks whose images are transformed copies.
+    permutation_size: entries of one permutation (0 for rotations).
+
+  Returns:
+    The total in bytes.
+  """
+  n = int(dataset.x_train.shape[0]) + int(dataset.x_test.shape[0])
+  pixels = int(np.prod(dataset.x_train.shape[1:]))
+  outputs = int(dataset.num_classes) * (num_tasks if multi_head else 1)
+  per_task = n * (4 + outputs) + 8 * permutation_size
+  return num_tasks * per_task + num_copies * n * pixels * 4
 
 
 def _as_float32(x: np.ndarray) -> np.ndarray:
@@ -163,13 +204,17 @@ def permuted(dataset: Dataset,
     A `Stream` of tasks named ``'permuted-<t>'``.
 
   Raises:
-    ValueError: if ``num_tasks`` < 1 or the dataset's arrays are malformed.
+    ValueError: if ``num_tasks`` < 1, the dataset's arrays are malformed, or the tasks would
+      need more memory than is available (`transformed_stream_bytes`; checked before drawing).
 
   References:
     Goodfellow et al., arXiv 1312.6211 (2013), Sec. 4; van de Ven & Tolias, arXiv 1904.07734.
   """
   num_tasks = _check_num_tasks(num_tasks, None, 'permuted')
   size = int(np.prod(_check_dataset(dataset)))
+  _check_memory('permuted', num_tasks, transformed_stream_bytes(
+      dataset, num_tasks, multi_head=multi_head, num_copies=num_tasks - int(first_identity),
+      permutation_size=size))
   rng = np.random.default_rng(seed)
   transforms = []
   for t in range(num_tasks):
@@ -210,12 +255,16 @@ def rotated(dataset: Dataset,
     A `Stream` of tasks named ``'rotated-<t>:<degrees>'``.
 
   Raises:
-    ValueError: if ``num_tasks`` < 1 or the dataset's arrays are malformed.
+    ValueError: if ``num_tasks`` < 1, the dataset's arrays are malformed, or the tasks would
+      need more memory than is available (`transformed_stream_bytes`).
 
   References:
     Lopez-Paz & Ranzato, NeurIPS 2017, Sec. 5 (rotated MNIST).
   """
   num_tasks = _check_num_tasks(num_tasks, None, 'rotated')
+  _check_dataset(dataset)
+  _check_memory('rotated', num_tasks, transformed_stream_bytes(
+      dataset, num_tasks, multi_head=multi_head, num_copies=num_tasks - 1))   # angle 0: shared
   order = np.random.default_rng(seed).permutation(num_tasks)
   angles = [float(k) * float(max_degrees) / num_tasks for k in order]
   transforms = [(f'rotated-{t}:{angle:g}', angle) for t, angle in enumerate(angles)]

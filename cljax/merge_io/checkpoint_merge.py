@@ -36,6 +36,8 @@ as ``cljax_merge.yml``.
 from __future__ import annotations
 
 import ctypes
+import errno
+import fcntl
 import glob
 import json
 import logging
@@ -195,8 +197,8 @@ class _Source:
   """
 
   def __init__(self, ckpt: safetensors_reader.Checkpoint, name: str, *,
-               whole_blocks: Optional[list] = None):
-    self.ckpt, self.name = ckpt, name
+               whole_blocks: Optional[list] = None, is_base: bool = False):
+    self.ckpt, self.name, self.is_base = ckpt, name, is_base
     self._data = None
     self.bytes_read = 0
     if whole_blocks is not None and ckpt.holds_whole_tensors:   # Orbax: held anyway, no copy
@@ -213,25 +215,34 @@ class _Source:
       self.bytes_read = self._data.nbytes
 
   def rows(self, rows: tuple) -> np.ndarray:
-    """Rows ``[start, stop)`` (or everything for (None, None)), upcast to float32."""
+    """Rows ``[start, stop)`` (or everything for (None, None)), upcast to float32.
+
+    Raises:
+      ValueError: NaN or Inf in the rows (naming this model's folder and the tensor).
+    """
     if self._data is not None:
       x = self._data if rows[0] is None else self._data[rows[0]:rows[1]]
     else:
       x = self.ckpt.read(self.name, *rows)
       self.bytes_read += x.nbytes
-    return x.astype(np.float32, copy=False)
+    x = x.astype(np.float32, copy=False)
+    _check_finite(x, self.name, self.ckpt.path, is_base=self.is_base)
+    return x
 
 
 def _sources(inputs: _Inputs, name: str, whole_blocks: Optional[list] = None) -> tuple:
   """The base's and the models' `_Source` of a tensor (held whole if ``whole_blocks``)."""
-  return (_Source(inputs.base, name, whole_blocks=whole_blocks),
+  return (_Source(inputs.base, name, whole_blocks=whole_blocks, is_base=True),
           [_Source(m, name, whole_blocks=whole_blocks) for m in inputs.models])
 
 
-def _check_finite(x: np.ndarray, name: str, path: str) -> None:
+def _check_finite(x: np.ndarray, name: str, path: str, *, is_base: bool = False) -> None:
+  """Raises naming the model (``path``; "the base model" for the base) and the tensor."""
   if not np.isfinite(x).all():
-    raise ValueError(f'{path} has non-finite values in tensor {name!r} ({int(np.isnan(x).sum())} '
-                     f'NaN, {int(np.isinf(x).sum())} Inf); refusing to merge it')
+    which = f'the base model {path}' if is_base else path
+    raise ValueError(f'{which} has non-finite values in tensor {name!r} '
+                     f'({int(np.isnan(x).sum())} NaN, {int(np.isinf(x).sum())} Inf); refusing to '
+                     'merge it')
 
 
 # ------------------------------------------------------------------------------------------
@@ -295,9 +306,11 @@ def _continual_state(recipe: recipes.Recipe, inputs: _Inputs, name: str, rows: t
                      norms: Optional[np.ndarray] = None):
   """Runs init / update over the models on one block; optionally adds each ||tau_i||^2."""
   base = inputs.base.read(name, *rows).astype(np.float32, copy=False)
+  _check_finite(base, name, inputs.base.path, is_base=True)
   state = recipe.continual.init({name: base})
   for i, model in enumerate(inputs.models):
     x = model.read(name, *rows).astype(np.float32, copy=False)
+    _check_finite(x, name, model.path)
     if norms is not None:
       tv = (x - base).astype(np.float64)
       norms[i] += float(np.dot(tv.reshape(-1), tv.reshape(-1)))
@@ -423,6 +436,12 @@ def _chmod_like_mkdir(folder: str) -> None:
 
 
 def _move_into_place(tmp: str, final: str) -> None:
+  """Renames the finished ``tmp`` to ``final``; with an existing ``final``, a recoverable swap.
+
+  The old folder is first renamed to ``.NAME.old-*`` and removed after the new one is in place;
+  a process killed between the two renames leaves ``.NAME.old-*`` and ``.NAME.tmp-*`` but no
+  ``NAME``, which the next merge into ``NAME`` rolls back (`_recover_output`).
+  """
   if os.path.lexists(final):   # force: swap only now that the new merge is complete
     old = tempfile.mkdtemp(prefix=f'.{os.path.basename(final)}.old-', dir=os.path.dirname(final))
     os.rmdir(old)
@@ -431,6 +450,74 @@ def _move_into_place(tmp: str, final: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
   else:
     os.rename(tmp, final)
+
+
+def _lock_output(final: str) -> tuple:
+  """Takes the exclusive lock ``.NAME.lock`` beside ``final`` (holding this pid).
+
+  Returns:
+    (file descriptor, lock path), for `_unlock_output`.
+
+  Raises:
+    ValueError: another live process holds it (naming its pid).
+  """
+  path = os.path.join(os.path.dirname(final), f'.{os.path.basename(final)}.lock')
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError as e:
+    os.close(fd)
+    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+      raise
+    try:
+      with open(path) as f:
+        pid = f.read().strip() or 'unknown'
+    except OSError:
+      pid = 'unknown'
+    raise ValueError(f'{final} is being written by another cljax-merge (process {pid}, which '
+                     f'holds {path}); wait for it to end or write elsewhere') from e
+  os.ftruncate(fd, 0)
+  os.write(fd, f'{os.getpid()}\n'.encode())
+  return fd, path
+
+
+def _unlock_output(lock: tuple) -> None:
+  fd, path = lock
+  try:
+    os.remove(path)
+  except FileNotFoundError:
+    pass
+  os.close(fd)
+
+
+def _recover_output(final: str) -> list:
+  """Finishes or rolls back what a killed merge into ``final`` left; returns what it did.
+
+  Call holding `_lock_output`: every ``.NAME.tmp-*`` and ``.NAME.old-*`` beside ``final`` then
+  belongs to a dead process. A ``.NAME.old-*`` without ``NAME`` (killed between the two renames
+  of a forced swap) is renamed back to ``NAME``: the previous output is restored. Every other
+  ``.NAME.old-*`` (the swap finished, its removal did not) and every ``.NAME.tmp-*`` (an
+  unfinished merge) is removed.
+
+  Returns:
+    One line per action, for the log.
+  """
+  parent, name = os.path.dirname(final), os.path.basename(final)
+  if not os.path.isdir(parent):
+    return []
+  entries = sorted(os.listdir(parent))
+  olds = [os.path.join(parent, e) for e in entries if e.startswith(f'.{name}.old-')]
+  tmps = [os.path.join(parent, e) for e in entries if e.startswith(f'.{name}.tmp-')]
+  done = []
+  if olds and not os.path.lexists(final):
+    latest = max(olds, key=os.path.getmtime)
+    os.rename(latest, final)
+    olds.remove(latest)
+    done.append(f'restored {final} from {latest}, left by a merge killed while replacing it')
+  for path in olds + tmps:
+    shutil.rmtree(path, ignore_errors=True)
+    done.append(f'removed {path}, left by a killed merge')
+  return done
 
 
 def return_freed_blocks_to_os(threshold: int = 1 << 20) -> bool:
@@ -497,9 +584,34 @@ def merge_checkpoints(config: mergekit_config.MergeConfig, output: str, *,
   final = _check_output(output, inputs, force)
   order = _tensor_order(inputs.base)
   plans = safetensors_writer.plan_shards(_output_specs(inputs, order, dtype), max_shard_size)
-  _log.info('%s of %d models -> %s: %s', config.method, len(inputs.models), final,
-            recipe.description)
-  os.makedirs(os.path.dirname(final), exist_ok=True)
+  try:
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    lock = _lock_output(final)
+  except PermissionError as e:
+    raise ValueError(f'cannot write the output {final}: {e.strerror} ({e.filename})') from e
+  try:
+    for line in _recover_output(final):
+      _log.warning('%s', line)
+    final = _check_output(output, inputs, force)   # again: a rolled-back swap restored it
+    _log.info('%s of %d models -> %s: %s', config.method, len(inputs.models), final,
+              recipe.description)
+    read = _write_output(config, recipe, inputs, final, plans, order, dtype=dtype, seed=seed,
+                         progress=progress, block_entries=block_entries, config_text=config_text)
+  finally:
+    _unlock_output(lock)
+  specs = [t for p in plans for t in p.tensors]
+  return MergeSummary(
+      output=final, recipe=recipe.description, num_tensors=len(specs),
+      num_merged=len(inputs.merged),
+      num_parameters=sum(int(np.prod(t.shape, dtype=np.int64)) for t in specs),
+      input_bytes=read, output_bytes=sum(p.nbytes for p in plans), num_shards=len(plans),
+      seconds=time.time() - start)
+
+
+def _write_output(config: mergekit_config.MergeConfig, recipe: recipes.Recipe, inputs: _Inputs,
+                  final: str, plans: list, order: list, *, dtype: Optional[str], seed: int,
+                  progress: bool, block_entries: int, config_text: Optional[str]) -> int:
+  """The merge passes into a fresh ``.NAME.tmp-*`` folder renamed to ``final``; bytes read."""
   tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(final)}.tmp-', dir=os.path.dirname(final))
   try:
     _chmod_like_mkdir(tmp)
@@ -529,10 +641,4 @@ def merge_checkpoints(config: mergekit_config.MergeConfig, output: str, *,
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  specs = [t for p in plans for t in p.tensors]
-  return MergeSummary(
-      output=final, recipe=recipe.description, num_tensors=len(specs),
-      num_merged=len(inputs.merged),
-      num_parameters=sum(int(np.prod(t.shape, dtype=np.int64)) for t in specs),
-      input_bytes=read, output_bytes=sum(p.nbytes for p in plans), num_shards=len(plans),
-      seconds=time.time() - start)
+  return read

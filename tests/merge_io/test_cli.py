@@ -166,3 +166,117 @@ def test_python_m_runs_the_cli(workspace):
   assert 'B/s' in run.stderr   # the tqdm bar reports bytes per second
   merged = read_all(tmp / 'out')
   assert all(x.dtype == ml_dtypes.bfloat16 for x in merged.values())
+
+
+def test_info_lines_are_printed_once(workspace, capsys):
+  import logging
+  root_handler = logging.StreamHandler(sys.stderr)   # as some imports (Orbax's stack) install
+  logging.root.addHandler(root_handler)
+  try:
+    for out in ('out', 'out2'):   # a second main() in one process adds no second handler
+      assert cli.main(['merge.yml', out, '--no-progress']) == 0
+      err = capsys.readouterr().err
+      assert err.count('ties of 2 models') == 1, err
+      assert err.startswith('cljax-merge: INFO: ties of 2 models -> ')
+  finally:
+    logging.root.removeHandler(root_handler)
+  logger = logging.getLogger('cljax')   # main() leaves the loggers as it found them
+  assert logger.propagate and not logger.handlers
+
+
+def test_unwritable_output_is_one_line(workspace, capsys):
+  target = '/sys/cljax-merge-test-out'   # read-only even for root
+  try:
+    os.close(os.open('/sys/.cljax-probe', os.O_CREAT | os.O_WRONLY))
+    os.remove('/sys/.cljax-probe')
+    pytest.skip('/sys is writable here')
+  except OSError:
+    pass
+  assert cli.main(['merge.yml', target, '--no-progress']) == 1
+  err = capsys.readouterr().err
+  assert err.strip().splitlines() == [f'cljax-merge: error: cannot write the output {target}: '
+                                      'Permission denied (/sys/.cljax-merge-test-out.lock)']
+  with pytest.raises(ValueError, match='cannot write the output'):
+    cli.main(['merge.yml', target, '--no-progress', '--traceback'])
+
+
+def test_os_errors_while_writing_are_one_line(workspace, capsys, monkeypatch):
+  checkpoint_merge = cli.checkpoint_merge   # the engine, wherever the package keeps it
+
+  def full_disk(*args):
+    raise OSError(28, 'No space left on device', 'out/model-00001-of-00002.safetensors')
+
+  monkeypatch.setattr(checkpoint_merge, '_copy_model_files', full_disk)
+  assert cli.main(['merge.yml', 'out', '--no-progress']) == 1
+  assert capsys.readouterr().err.strip().splitlines()[1:] == [
+      'cljax-merge: error: out/model-00001-of-00002.safetensors: No space left on device']
+  assert sorted(os.listdir(workspace[0])) == ['base', 'ft0', 'ft1', 'merge.yml']
+
+
+_KILLED_SWAP = textwrap.dedent("""\
+    import importlib, os, sys
+    sys.path.insert(0, {root!r})
+    cli = importlib.import_module({cli!r})
+    real_rename = os.rename
+    def rename(src, dst):
+      real_rename(src, dst)
+      if '.old-' in os.path.basename(dst):   # the old output moved aside: kill -9 now
+        os._exit(9)
+    os.rename = rename
+    cli.main(['merge.yml', 'out', '--no-progress', '--force', '--dtype', 'float16'])
+    """)
+
+
+def test_a_merge_killed_mid_swap_is_rolled_back_by_the_next_run(workspace, capsys):
+  tmp = workspace[0]
+  assert cli.main(['merge.yml', 'out', '--no-progress']) == 0
+  before = read_all(tmp / 'out')
+  script = _KILLED_SWAP.format(root=ROOT, cli=cli.__name__)
+  proc = subprocess.run([sys.executable, '-c', script], cwd=tmp, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 9, proc.stderr[-2000:]
+  hidden = sorted(n for n in os.listdir(tmp) if n.startswith('.'))
+  assert not (tmp / 'out').exists()   # what the kill left: no output folder
+  assert [n.split('-')[0] for n in hidden] == ['.out.lock', '.out.old', '.out.tmp'], hidden
+  # The next run restores the previous output, removes the rest, and still needs --force.
+  assert cli.main(['merge.yml', 'out', '--no-progress']) == 1
+  err = capsys.readouterr().err
+  assert 'WARNING: restored' in err and 'WARNING: removed' in err and '--force' in err
+  after = read_all(tmp / 'out')
+  assert sorted(after) == sorted(before)
+  for name in before:
+    np.testing.assert_array_equal(after[name], before[name])
+  assert [n for n in os.listdir(tmp) if n.startswith('.')] == []
+  assert cli.main(['merge.yml', 'out', '--no-progress', '--force']) == 0
+
+
+def test_stale_temporary_folder_of_a_dead_run_is_removed(workspace, capsys):
+  tmp = workspace[0]
+  os.makedirs(tmp / '.out.tmp-abc123')   # a killed merge's unfinished output
+  (tmp / '.out.tmp-abc123' / 'model-00001-of-00002.safetensors').write_bytes(b'partial')
+  assert cli.main(['merge.yml', 'out', '--no-progress']) == 0
+  assert 'removed' in capsys.readouterr().err
+  assert [n for n in os.listdir(tmp) if n.startswith('.')] == []
+
+
+def test_a_second_merge_into_the_same_output_is_refused(workspace, capsys):
+  checkpoint_merge = cli.checkpoint_merge
+  tmp = workspace[0]
+  lock = checkpoint_merge._lock_output(str(tmp / 'out'))   # a live merge holds it
+  try:
+    assert cli.main(['merge.yml', 'out', '--no-progress']) == 1
+    err = capsys.readouterr().err
+    assert f'being written by another cljax-merge (process {os.getpid()}' in err
+  finally:
+    checkpoint_merge._unlock_output(lock)
+  assert not (tmp / 'out').exists()
+
+
+def test_bad_command_line_is_one_line_exit_2(workspace, capsys):
+  with pytest.raises(SystemExit) as info:
+    cli.main(['merge.yml', 'out', '--dtype', 'int8'])
+  assert info.value.code == 2
+  err = capsys.readouterr().err
+  (line,) = err.strip().splitlines()
+  assert line.startswith("cljax-merge: error: argument --dtype: invalid choice: 'int8'")
+  assert line.endswith('(see cljax-merge --help)')
