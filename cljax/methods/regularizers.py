@@ -581,8 +581,8 @@ def infer_num_outputs(params: Params, *, name: str) -> int:
   leaves = jax.tree_util.tree_flatten_with_path(params)[0]
   for suffix in ('head/bias', 'head/kernel'):
     for path, leaf in leaves:
-      name = tree_lib.path_str(path)
-      if name == suffix or name.endswith('/' + suffix):
+      leaf_name = tree_lib.path_str(path)
+      if leaf_name == suffix or leaf_name.endswith('/' + suffix):
         return int(leaf.shape[-1])
   raise ValueError(f'cannot infer the number of outputs: no parameter named .../head/bias or '
                    f'.../head/kernel; set {name}')

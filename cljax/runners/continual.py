@@ -8,6 +8,7 @@ same workdir resumes after the last completed task and ends with the same accura
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -20,6 +21,7 @@ import numpy as np
 import tqdm
 
 from cljax import checkpoint
+from cljax import checks
 from cljax import continual
 from cljax import core
 from cljax import methods as methods_lib
@@ -28,42 +30,27 @@ from cljax import models
 from cljax import report
 from cljax import sharding
 from cljax import training
+from cljax import workdir as workdir_lib
 from cljax.data import sources
 from cljax.data import streams
 
-CONFIG_FILE = 'config.json'
-
-
-def _config_dict(config: ml_collections.ConfigDict) -> dict:
+def config_dict(config: ml_collections.ConfigDict) -> dict:
   """The config as plain JSON types (tuples become lists), for saving and comparing."""
   return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
-def _diff_keys(a: Any, b: Any, prefix: str = '') -> list[str]:
-  if isinstance(a, dict) and isinstance(b, dict):
-    keys = sorted(set(a) | set(b))
-    return [d for k in keys for d in _diff_keys(a.get(k), b.get(k), f'{prefix}{k}.')]
-  return [] if a == b else [prefix.rstrip('.')]
-
-
-def _claim_workdir(workdir: str, config: dict) -> None:
-  """Creates ``workdir`` or checks that it holds a run of this same config.
-
-  Raises:
-    ValueError: the workdir holds a run of a different config (names the differing keys).
-  """
-  os.makedirs(workdir, exist_ok=True)  # Every process: Orbax writes from all of them.
-  path = os.path.join(workdir, CONFIG_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      stored = json.load(f)
-    diff = _diff_keys(stored, config)
-    if diff:
-      raise ValueError(f'workdir {workdir!r} holds a run of a different config (keys differing: '
-                       f'{", ".join(diff)}); nothing was overwritten. Use another --workdir, or '
-                       'delete that one to start over.')
-  elif jax.process_index() == 0:
-    report.write_json(path, config)
+def _check_values(config: ml_collections.ConfigDict) -> None:
+  """The config values that can be checked before any data is loaded or anything written."""
+  checks.integer('epochs', config.epochs, minimum=1)
+  checks.integer('num_tasks', config.num_tasks, minimum=1)
+  checks.integer('seed', config.seed, minimum=0)
+  checks.positive('learning_rate', config.learning_rate)
+  checks.non_negative('momentum', config.momentum)
+  for key in ('hidden', 'channels'):
+    widths = config.model_kwargs.get(key)
+    if widths is not None and not all(isinstance(w, int) and not isinstance(w, bool) and w > 0
+                                      for w in widths):
+      raise ValueError(f'model_kwargs.{key} must be positive ints, got {tuple(widths)!r}')
 
 
 def build_stream(config: ml_collections.ConfigDict) -> streams.Stream:
@@ -95,9 +82,9 @@ def method_from_config(config: ml_collections.ConfigDict, name: str, *, input_sh
 class _Run:
   """One method on the stream, in ``workdir``: fresh start or resume from the last stage."""
 
-  def __init__(self, config, stream, method_name, workdir, mesh):
-    self.config, self.stream, self.name, self.workdir, self.mesh = (
-        config, stream, method_name, workdir, mesh)
+  def __init__(self, config, stream, method_name, workdir, mesh, claim):
+    self.config, self.stream, self.name, self.workdir, self.mesh, self.claim = (
+        config, stream, method_name, workdir, mesh, claim)
     self.method = method_from_config(config, method_name, input_shape=stream.input_shape)
     module = models.make_model(config.model, num_outputs=stream.num_outputs,
                                **dict(config.model_kwargs))
@@ -110,10 +97,17 @@ class _Run:
     config, num_tasks = self.config, len(self.stream.tasks)
     state = continual.initial_state(self.params0, self.method, self.optimizer, seed=config.seed,
                                     mesh=self.mesh)
-    with checkpoint.StageCheckpointer(os.path.join(self.workdir, 'checkpoints')) as ckpt:
+    primary = jax.process_index() == 0
+    with checkpoint.StageCheckpointer(os.path.join(self.workdir, 'checkpoints'),
+                                      name=self.name) as ckpt, \
+        (report.MetricWriter(self.workdir) if primary else contextlib.nullcontext()) as writer:
       start = ckpt.latest_step() or 0
       if start:
         stage = ckpt.restore(start, state._asdict())
+        workdir_lib.check_resume(stage.meta.get('config'), config_dict(config),
+                                 workdir=os.path.dirname(self.workdir), method=self.name,
+                                 stage=start)
+        self.claim.record_config()
         state, meta = continual.StreamState(**stage.state), stage.meta
         logging.info('%s: resuming after task %d of %d', self.name, start, num_tasks)
       else:
@@ -122,7 +116,7 @@ class _Run:
         meta = dict(accuracy_rows=[], nll_rows=[], loss_curve=[],
                     random_init_accuracy=init_eval.accuracy.tolist(),
                     random_init_nll=init_eval.nll.tolist(), wall_time_s=0.0,
-                    config=_config_dict(config))
+                    config=config_dict(config))
       rows = [core.Evaluation(np.asarray(a), np.asarray(n))
               for a, n in zip(meta['accuracy_rows'], meta['nll_rows'])]
       with tqdm.tqdm(total=0, desc=self.name, unit='step', leave=False) as bar:
@@ -136,6 +130,8 @@ class _Run:
         def on_epoch(t, epoch, losses):
           del t, epoch
           meta['loss_curve'].append(float(np.mean(losses)))
+          if writer is not None:  # One point per epoch: (epoch index over the run, mean loss).
+            writer.write_scalars(len(meta['loss_curve']), {'train/loss': meta['loss_curve'][-1]})
           bar.update(len(losses))
 
         def on_task_end(done, new_state, row):
@@ -143,6 +139,12 @@ class _Run:
           meta['nll_rows'].append(row.nll.tolist())
           meta['wall_time_s'] += time.time() - started[0]
           ckpt.save(done, new_state._asdict(), meta)
+          self.claim.record_config()
+          if writer is not None:
+            writer.write_scalars(done, {**report.accuracy_row_scalars(row.accuracy),
+                                        'eval/mean_nll': float(np.mean(row.nll[:done]))})
+          logging.info('%s %s', self.name, report.task_row_line(done - 1, num_tasks,
+                                                                 row.accuracy))
           started[0] = time.time()
 
         continual.run_stream(
@@ -190,6 +192,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
   """
   if not config.methods:
     raise ValueError('config.methods is empty: name at least one method')
+  _check_values(config)
   for name in config.methods:  # A misspelt method or key fails before any data loading.
     for member in methods_lib.members(name):
       methods_lib.check_names(member, config.get(member))
@@ -199,21 +202,34 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh)
   stream = build_stream(config)
+  for i, task in enumerate(stream.tasks):
+    if task.train.size < config.batch_size:
+      raise ValueError(f'batch_size={config.batch_size} exceeds the {task.train.size} training '
+                       f'examples of task {i} ({task.name}); lower batch_size or raise max_train')
   for name in config.methods:  # Values (and the stream's input shape): before any writing.
     method_from_config(config, name, input_shape=stream.input_shape)
   module = models.make_model(config.model, num_outputs=stream.num_outputs,
                              **dict(config.model_kwargs))
-  abstract_params = jax.eval_shape(
-      lambda key: models.init_params(module, key, stream.input_shape), jax.random.key(0))
+  try:
+    abstract_params = jax.eval_shape(
+        lambda key: models.init_params(module, key, stream.input_shape), jax.random.key(0))
+  except (ValueError, TypeError) as e:
+    raise ValueError(f'model {config.model!r} cannot be built with model_kwargs='
+                     f'{dict(config.model_kwargs)}: {e}') from None
   sharding.param_shardings(abstract_params, mesh, _rules(config))  # Bad rules fail here.
-  _claim_workdir(workdir, _config_dict(config))
-  results = {}
-  for name in config.methods:
-    method_dir = os.path.join(workdir, name)
-    os.makedirs(method_dir, exist_ok=True)
-    results[name] = _Run(config, stream, name, method_dir, mesh).run()
-    logging.info('%s: ACC %.2f%%  BWT %.2f  forgetting %.2f', name, 100 * results[name]['acc'],
-                 100 * results[name]['bwt'], 100 * results[name]['forgetting'])
-  if jax.process_index() == 0:
-    report.write_summary(workdir, results, title=f'{config.name}: {stream.name}')
+  with workdir_lib.claim(workdir, config_dict(config),
+                         primary=jax.process_index() == 0) as claim:
+    results = {}
+    for name in config.methods:
+      method_dir = os.path.join(workdir, name)
+      os.makedirs(method_dir, exist_ok=True)
+      results[name] = _Run(config, stream, name, method_dir, mesh, claim).run()
+      logging.info('%s: ACC %.2f%%  BWT %.2f  forgetting %.2f', name, 100 * results[name]['acc'],
+                   100 * results[name]['bwt'], 100 * results[name]['forgetting'])
+    if jax.process_index() == 0:
+      report.write_summary(workdir, results, title=f'{config.name}: {stream.name}')
+      report.plot_accuracy_curves(
+          os.path.join(workdir, 'accuracy_curves.png'),
+          {m: np.asarray(r['accuracy_matrix']) for m, r in results.items()},
+          title=f'{config.name}: {stream.name}')
   return results

@@ -71,6 +71,7 @@ from cljax import models
 from cljax import report
 from cljax import sharding
 from cljax import training
+from cljax import workdir as workdir_lib
 from cljax.data import sources
 from cljax.data import streams
 from cljax.methods import base
@@ -490,25 +491,14 @@ def plot_continual(path: str, results: dict) -> None:
 
 
 def plot_static(path: str, results: dict) -> None:
-  """Heatmap of per-task accuracy (%) for the references and every static merge."""
-  from matplotlib.figure import Figure
-
+  """Heatmap of per-task accuracy (%) for the references and every static merge, over a colour
+  range that shows their spread (`report.color_range`)."""
   names = ['zero_shot', 'experts', *results['static']]
   values = [results[n]['per_task'] if n in ('zero_shot', 'experts')
             else results['static'][n]['per_task'] for n in names]
-  r = 100 * np.asarray(values)
-  fig = Figure(figsize=(1.0 + 0.9 * r.shape[1], 1.0 + 0.45 * r.shape[0]))
-  ax = fig.add_subplot()
-  im = ax.imshow(r, vmin=0.0, vmax=100.0, cmap='viridis', aspect='auto')
-  fig.colorbar(im, ax=ax, label='test accuracy (%)')
-  for i in range(r.shape[0]):
-    for j in range(r.shape[1]):
-      ax.text(j, i, f'{r[i, j]:.0f}', ha='center', va='center', fontsize=8,
-              color='white' if r[i, j] < 60 else 'black')
-  ax.set_xticks(range(r.shape[1]), results['tasks'], rotation=45, ha='right', fontsize=8)
-  ax.set_yticks(range(r.shape[0]), names, fontsize=8)
-  ax.set_title('per-task accuracy of each static merge')
-  report.save_figure(path, fig)
+  report.plot_per_task_heatmap(path, 100 * np.asarray(values), row_labels=names,
+                               col_labels=results['tasks'],
+                               title='per-task accuracy of each static merge')
 
 
 # --------------------------------------------------------------------------------------------
@@ -693,7 +683,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     num_pretrain=config.num_pretrain, max_train=config.max_train or None,
                     max_test=config.max_test or None, num_heldout=config.num_heldout,
                     seed=config.seed)
-  continual_runner._claim_workdir(workdir, continual_runner._config_dict(config))  # pylint: disable=protected-access
+  with workdir_lib.claim(workdir, continual_runner.config_dict(config),
+                         primary=jax.process_index() == 0) as claim:
+    # Recorded at once: the models/ checkpoints hold no config of their own to check a resume by.
+    claim.record_config()
+    return _run(config, workdir, mesh, dataset, module, abstract, data)
+
+
+def _run(config, workdir, mesh, dataset, module, abstract, data) -> dict:
+  """`run` after its checks, inside the workdir claim."""
   mask = merging.merge_mask(abstract, config.exclude)
   started = time.time()
   apply_fn, base_params, probes, experts = _train_models(config, data, module, mesh, workdir, mask)
@@ -708,7 +706,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   orders = _orders(len(data.tasks), config.num_orders, config.seed)
   results = dict(name=config.name, dataset=dataset.name, tasks=[t.name for t in data.tasks],
                  num_orders=config.num_orders,
-                 config=continual_runner._config_dict(config),  # pylint: disable=protected-access
+                 config=continual_runner.config_dict(config),
                  **_reference_results(config, data, apply_fn, mesh, evaluator, base_params, probes,
                                       experts, orders))
   expert_acc = results['experts']['per_task']
