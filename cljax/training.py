@@ -262,7 +262,7 @@ def fit_task(
     all_losses.append(losses)
     if on_epoch is not None:
       on_epoch(epoch, losses)
-  logging.info('task %d: %d steps, final loss %.4f', task_index, sum(map(len, all_losses)),
+  logging.debug('task %d: %d steps, final loss %.4f', task_index, sum(map(len, all_losses)),
                all_losses[-1][-1] if all_losses else float('nan'))
   return TaskResult(params, opt_state, method_state, np.concatenate(all_losses))
 
