@@ -5,11 +5,12 @@ constructor's keyword arguments (replay's ``input_shape`` excepted: the stream f
 block's values build the method, and each key can be overridden on the command line with
 ``lock_config`` as launch.py parses it.
 (b) The default config run with the eight methods of issue 13 (finetune and seven that protect
-old tasks), cut down to 4 tasks of 400 training digits and 4 epochs: every method finishes,
-learns each new task (its accuracy right after training within 15 points of finetune's) and
-forgets less than finetune. Under the old defaults (no method blocks: the constructors' l2
-strength 1, mas strength 1) l2 learns tasks 2-4 to 35-45% against finetune's ~90% and mas
-diverges; see the report of issue 13.
+old tasks), cut down to 3 tasks and 3 epochs (the full 1,257 training digits, 300 test digits):
+every method finishes, learns each new task (its accuracy right after training within 15
+points of finetune's) and forgets less than finetune. Under the defaults before default.py had
+these blocks (the constructors' l2 strength 1 and mas strength 1), l2 learns tasks 2 and 3 to
+49.3% and 43.7% against finetune's 93.3% and 96.0%, and fails; on the full default stream mas
+also became NaN in task 3.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ FILLED_BY_THE_STREAM = {'input_shape'}
 # A Python callable cannot be written on a command line; a config file sets it.
 PYTHON_ONLY = {('gpm', 'representation_fn')}
 ISSUE_13_METHODS = ('finetune', 'l2', 'ewc', 'online_ewc', 'si', 'mas', 'lwf', 'replay')
+# config_flags loads config files with a deprecated importlib call; not ours to fix.
+pytestmark = pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')
 
 
 def _keyword_arguments(name: str) -> set[str]:
@@ -75,9 +78,12 @@ def _override(config: ml_collections.ConfigDict, name: str, key: str) -> tuple[s
 
 
 def _cases():
+  """(method, key) for every key of every method block (a missing block fails elsewhere)."""
   config = default.get_config()
-  return [(name, key) for name in sorted(methods.REGISTRY) if isinstance(config.get(name), ml_collections.ConfigDict)
-          for key in sorted(config[name].keys()) if (name, key) not in PYTHON_ONLY]
+  blocks = [name for name in sorted(methods.REGISTRY)
+            if isinstance(config.get(name), ml_collections.ConfigDict)]
+  return [(name, key) for name in blocks for key in sorted(config[name].keys())
+          if (name, key) not in PYTHON_ONLY]
 
 
 @pytest.mark.parametrize('name,key', _cases())
@@ -140,7 +146,8 @@ def results(tmp_path_factory):
 
 
 def _table(results) -> str:
-  lines = [f'{"method":<11} {"forgetting":>10} {"ACC":>6} {"BWT":>6}  accuracy right after each task']
+  lines = [f'{"method":<11} {"forgetting":>10} {"ACC":>6} {"BWT":>6}  '
+           'accuracy right after each task']
   for name, r in results.items():
     diag = np.diag(np.asarray(r['accuracy_matrix']))
     lines.append(f'{name:<11} {100 * r["forgetting"]:10.1f} {100 * r["acc"]:6.1f} '
