@@ -43,13 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.batch_size = 10
   c.eval_batch_size = 1000
   c.methods = ('finetune', 'ewc', 'gpm')
-  c.ewc = ml_collections.ConfigDict({
-      'strength': 30.0,
-      'fisher_estimator': 'exact',
-      'num_samples': 1024,
-  })
-  c.gpm = ml_collections.ConfigDict({
-      'threshold': (0.95, 0.99, 0.99),
-      'num_samples': 300,
-  })
+  # Each method's block is default.py's (every constructor argument), with these values set.
+  c.ewc.update({'strength': 30.0, 'fisher_estimator': 'exact', 'num_samples': 1024})
+  with c.gpm.ignore_type():  # One threshold per layer: --config.gpm.threshold='(a, b, c)'.
+    c.gpm.threshold = (0.95, 0.99, 0.99)
+  c.gpm.num_samples = 300
   return c

@@ -50,26 +50,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 1000
   c.methods = ('finetune', 'l2', 'ewc', 'online_ewc', 'si', 'mas', 'lwf', 'replay',
                'ewc+refresh', 'joint')
-  c.ewc = ml_collections.ConfigDict({
-      'strength': 10.0,
-      'fisher_estimator': 'exact',
-      'num_samples': 1024,
-  })
-  c.l2 = ml_collections.ConfigDict({'strength': 0.01, 'param_regex': '.*'})
-  c.online_ewc = ml_collections.ConfigDict({
-      'strength': 10.0,
-      'gamma': 0.9,
-      'fisher_estimator': 'exact',
-      'num_samples': 1024,
-  })
-  c.si = ml_collections.ConfigDict({'strength': 0.2, 'damping': 0.1})
-  c.mas = ml_collections.ConfigDict({'strength': 0.03, 'num_samples': 1024})
-  c.lwf = ml_collections.ConfigDict({'strength': 1.0, 'temperature': 2.0})
-  c.replay = ml_collections.ConfigDict({
-      'buffer_size': 1000,
-      'replay_batch_size': 32,
-  })
-  c.refresh = ml_collections.ConfigDict({
+  # Each method's block is default.py's (every constructor argument), with these values set.
+  c.ewc.update({'strength': 10.0, 'fisher_estimator': 'exact', 'num_samples': 1024})
+  c.l2.update({'strength': 0.01, 'param_regex': '.*'})
+  c.online_ewc.update({'strength': 10.0, 'gamma': 0.9, 'fisher_estimator': 'exact',
+                       'num_samples': 1024})
+  c.si.update({'strength': 0.2, 'damping': 0.1})
+  c.mas.update({'strength': 0.03, 'num_samples': 1024})
+  c.lwf.update({'strength': 1.0, 'temperature': 2.0})
+  c.replay.update({'buffer_size': 1000, 'replay_batch_size': 32})
+  c.refresh.update({
       'unlearn_rate': 1e-4,
       'noise': 0.0,
       'fisher_weight': 0.001,
