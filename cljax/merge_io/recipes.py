@@ -394,13 +394,18 @@ _WEIGHTED = {'average': _linear, 'task_arithmetic': _task_arithmetic, 'ties': _t
 # final rescaling uses whole-model norms (`checkpoint_merge` runs a first pass for them).
 _WHOLE_TENSOR = ('continual_ties', 'opcm')
 _GLOBAL_RESCALE = ('opcm',)
+# OPCM's projected tensors, as the authors project nn.Linear weights only: Flax Dense kernels
+# ('.../kernel', Orbax inputs) and Hugging Face '*.weight' tensors but embeddings (2-D tensors
+# only; norms and biases are 1-D). Embeddings, norms and biases are added unprojected.
+OPCM_PROJECT = (r'(.*/)?kernel', r'(?!.*(embed|wte|wpe)).*\.weight')
 
 
 def _config_hparams(config: mergekit_config.MergeConfig, entry: registry.MergeMethod) -> dict:
   """The registered merge's hyperparameters from the config: ``scaling`` = lambda, one
-  ``density`` for all models, ``trim``, ``reduce``, ``alpha``; those the merge takes."""
+  ``density`` for all models, ``trim``, ``reduce``, ``alpha``, and OPCM's projected tensors
+  `OPCM_PROJECT`; those the merge takes (other hyperparameters keep their defaults)."""
   values = dict(scaling=config.scaling, trim=config.trim, reduce=config.reduce,
-                alpha=config.alpha)
+                alpha=config.alpha, project=OPCM_PROJECT)
   if 'density' in entry.hparams:
     densities = {m.density for m in config.models}
     if len(densities) > 1:

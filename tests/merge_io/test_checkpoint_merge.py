@@ -20,11 +20,12 @@ from safetensors.numpy import save_file
 from cljax.merge_io import checkpoint_merge
 from cljax.merging import continual
 from cljax.merge_io import mergekit_config
+from cljax.merge_io import recipes
 from cljax.merge_io import safetensors_reader
 from cljax.merging import static
 from .reference import np_trim, np_weighted_disjoint_mean, read_folder
 
-SHAPES = {'model.embed.weight': (20, 6), 'model.layers.0.w': (6, 5), 'model.norm': (6,),
+SHAPES = {'model.embed.weight': (20, 6), 'model.layers.0.weight': (6, 5), 'model.norm': (6,),
           'scale': ()}
 FLOAT_NAMES = list(SHAPES)
 SMALL_BLOCKS = 13   # splits the (20, 6) and (6, 5) tensors into several row blocks
@@ -190,7 +191,9 @@ def test_opcm_matches_library_up_to_the_global_scale_rounding(folders):
   tmp, base, models, paths = folders
   run(config_of('opcm', paths, alpha=0.5), tmp / 'out')
   merged = read_folder(tmp / 'out')
-  reference = continual_reference(continual.opcm(alpha=0.5), base, models)
+  # The authors' leaves: the Linear weight is projected, the embedding added unprojected.
+  reference = continual_reference(continual.opcm(alpha=0.5, project=recipes.OPCM_PROJECT),
+                                  base, models)
   for name in FLOAT_NAMES:
     np.testing.assert_allclose(merged[name], np.asarray(reference[name]), rtol=1e-5, atol=1e-6)
 
@@ -385,7 +388,7 @@ def test_exclude_keeps_the_base_and_unknown_pattern_fails(folders):
   merged = read_folder(tmp / 'out')
   np.testing.assert_array_equal(merged['model.norm'], base['model.norm'])
   np.testing.assert_array_equal(merged['scale'], base['scale'])
-  assert not np.array_equal(merged['model.layers.0.w'], base['model.layers.0.w'])
+  assert not np.array_equal(merged['model.layers.0.weight'], base['model.layers.0.weight'])
   with pytest.raises(ValueError, match="'lm_head.*' matches no tensor"):
     run(config_of('task_arithmetic', paths, exclude=('lm_head.*',)), tmp / 'out2')
   assert not (tmp / 'out2').exists()
@@ -471,19 +474,19 @@ def test_extra_tensor_is_named(tmp_path):
 
 def test_shape_mismatch_is_named(tmp_path):
   base, models = random_models(n=2)
-  models[0]['model.layers.0.w'] = np.zeros((5, 6), np.float32)
+  models[0]['model.layers.0.weight'] = np.zeros((5, 6), np.float32)
   paths = [write_folder(str(tmp_path / f'm{i}'), t) for i, t in enumerate([base] + models)]
-  with pytest.raises(ValueError, match=r"tensor 'model\.layers\.0\.w' has shape \(5, 6\) in "
+  with pytest.raises(ValueError, match=r"tensor 'model\.layers\.0\.weight' has shape \(5, 6\) in "
                                        r'.*m1 but \(6, 5\)'):
     run(config_of('ties', paths, densities=[0.5, 0.5]), tmp_path / 'out')
 
 
 def test_nan_in_a_model_is_named(tmp_path):
   base, models = random_models(n=2)
-  models[1]['model.layers.0.w'][2, 3] = np.nan
+  models[1]['model.layers.0.weight'][2, 3] = np.nan
   paths = [write_folder(str(tmp_path / f'm{i}'), t) for i, t in enumerate([base] + models)]
   for trim in ('per_tensor', 'global'):
-    with pytest.raises(ValueError, match=r'model\.layers\.0\.w'):
+    with pytest.raises(ValueError, match=r'model\.layers\.0\.weight'):
       run(config_of('ties', paths, densities=[0.5, 0.5], trim=trim), tmp_path / 'out')
   assert not (tmp_path / 'out').exists()
   assert leftovers(tmp_path) == []
