@@ -14,7 +14,10 @@ Passes over the data:
 
   * TIES with ``trim: global``: two passes first for each model's exact threshold over the whole
     model (`cljax.merge_io.magnitude_select`); with ``per_tensor`` trim, the same selection runs on
-    the held tensor just before it is merged.
+    the held tensor just before it is merged (and, for mergekit's exact top k, a count of the
+    entries tied at each threshold per row block, `_tie_quotas`).
+  * DARE with ``rescale: l1``: a first pass over each tensor's blocks sums every model's
+    ||tau_i||_1 and ||drop(tau_i)||_1 (the same masks), the second merges.
   * OPCM: a first pass runs the continual merge on every tensor for the whole-model norms, the
     second repeats it and writes ``base + A / lambda``.
   * Everything else: one pass.
