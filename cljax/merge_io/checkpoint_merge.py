@@ -14,7 +14,10 @@ Passes over the data:
 
   * TIES with ``trim: global``: two passes first for each model's exact threshold over the whole
     model (`cljax.merge_io.magnitude_select`); with ``per_tensor`` trim, the same selection runs on
-    the held tensor just before it is merged.
+    the held tensor just before it is merged (and, for mergekit's exact top k, a count of the
+    entries tied at each threshold per row block, `_tie_quotas`).
+  * DARE with ``rescale: l1``: a first pass over each tensor's blocks sums every model's
+    ||tau_i||_1 and ||drop(tau_i)||_1 (the same masks), the second merges.
   * OPCM: a first pass runs the continual merge on every tensor for the whole-model norms, the
     second repeats it and writes ``base + A / lambda``.
   * Everything else: one pass.
@@ -250,9 +253,29 @@ def _check_finite(x: np.ndarray, name: str, path: str, *, is_base: bool = False)
 # ------------------------------------------------------------------------------------------
 
 
-def _selectors(densities: Sequence[float], size: int) -> list:
-  return [magnitude_select.KthLargestMagnitude(magnitude_select.keep_count(d, size), size)
-          for d in densities]
+def _selectors(densities: Sequence[float], size: int, selection: str = 'threshold') -> list:
+  return [magnitude_select.KthLargestMagnitude(
+      magnitude_select.keep_count(d, size, selection), size) for d in densities]
+
+
+def _tie_quotas(selectors: list, thresholds: tuple, base_src, model_srcs, blocks: list) -> list:
+  """mergekit's exact top k per tensor: per row block, per model, how many entries with
+  |tau_i| equal to the threshold t_i the block keeps. The k - #{|tau_i| > t_i} tied entries kept
+  are the first in row-major order of the tensor (block by block, then within the block)."""
+  remaining = [s.k - s.greater() if s.needs_data else 0 for s in selectors]
+  quotas = []
+  for rows in blocks:
+    base = base_src.rows(rows)
+    block = []
+    for i, (m, t) in enumerate(zip(model_srcs, thresholds)):
+      if not selectors[i].needs_data:   # k <= 0: nothing kept; k > size: everything
+        block.append(0 if selectors[i].k <= 0 else base.size)
+        continue
+      ties = int(np.count_nonzero(np.abs(m.rows(rows) - base) == np.float32(t)))
+      block.append(min(ties, remaining[i]))
+      remaining[i] -= block[-1]
+    quotas.append(tuple(block))
+  return quotas
 
 
 def _task_vector_blocks(items: Sequence[tuple]) -> Iterator:
@@ -373,14 +396,26 @@ def _merge_tensor(recipe: recipes.Recipe, inputs: _Inputs, name: str, out_dtype:
   per_tensor_ties = recipe.densities is not None and recipe.trim == 'per_tensor'
   whole_blocks = _row_blocks(info.shape, block_entries, True) if per_tensor_ties else None
   base_src, model_srcs = _sources(inputs, name, whole_blocks)
+  quotas = None
   if per_tensor_ties:
     items = [(name, base_src, model_srcs, rows) for rows in blocks]
-    thresholds = _select_thresholds(_selectors(recipe.densities, info.size), items)
+    selectors = _selectors(recipe.densities, info.size, recipe.selection)
+    thresholds = _select_thresholds(selectors, items)
+    if recipe.selection == 'exact':
+      quotas = _tie_quotas(selectors, thresholds, base_src, model_srcs, blocks)
+  scales = None
+  if recipe.l1_sums is not None:   # DARE's rescale: l1 needs the whole tensor's norms first
+    sums = sum(recipe.l1_sums(recipes.Block(name, base_src.rows(rows),
+                                            [m.rows(rows) for m in model_srcs],
+                                            key=recipes.dare_key(seed, name, j)))
+               for j, rows in enumerate(blocks))
+    scales = recipes.l1_scales(sums)
   for j, rows in enumerate(blocks):
     base = base_src.rows(rows)
     models = [m.rows(rows) for m in model_srcs]
     key = recipes.dare_key(seed, name, j) if recipe.uses_key else None
-    out = recipe.merge(recipes.Block(name, base, models, thresholds, key))
+    out = recipe.merge(recipes.Block(name, base, models, thresholds, key,
+                                     None if quotas is None else quotas[j], scales))
     writer.write(name, np.asarray(out).astype(out_dtype, copy=False))
     bar.update(base.size * info.dtype.itemsize * (len(models) + 1))
   return sum(s.bytes_read for s in [base_src] + model_srcs)

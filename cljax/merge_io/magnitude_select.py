@@ -23,8 +23,24 @@ _BINS = 1 << 16        # low 16 bits
 _HIGH_BINS = 1 << 15   # high 16 bits of a magnitude (sign bit cleared)
 
 
-def keep_count(density: float, size: int) -> int:
-  """TIES's number of kept entries, ``round(density * size)`` (as `static.trim_task_vector`)."""
+SELECTIONS = ('exact', 'threshold')
+
+
+def keep_count(density: float, size: int, selection: str = 'threshold') -> int:
+  """TIES's number of kept entries of ``size``.
+
+  Args:
+    density: the kept fraction, in [0, 1].
+    size: the number of entries ranked.
+    selection: 'threshold', ``round(density * size)`` (as `static.trim_task_vector`, the
+      paper), or 'exact', ``int(density * size)`` (mergekit's ``sparsify.magnitude``: floor;
+      density >= 1 keeps everything).
+
+  Returns:
+    The count k (the rank of the threshold).
+  """
+  if selection == 'exact':
+    return size if density >= 1 else int(density * size)
   return int(round(density * size))
 
 
@@ -67,6 +83,7 @@ class KthLargestMagnitude:
     self._low = np.zeros(_BINS, np.int64)
     self._digit = None
     self._rest = None
+    self._above_high = 0
 
   def add_high(self, x: np.ndarray) -> None:
     """Pass 1: counts the high 16 bits of |x| for every entry of ``x``."""
@@ -80,6 +97,7 @@ class KthLargestMagnitude:
       if self._high.sum() != self.size:
         raise ValueError(f'pass 1 saw {self._high.sum()} entries, expected {self.size}')
       self._digit, above = _top_digit(self._high, self.k)
+      self._above_high = above
       self._rest = self.k - above
 
   def add_low(self, x: np.ndarray) -> None:
@@ -97,6 +115,16 @@ class KthLargestMagnitude:
     low, _ = _top_digit(self._low, self._rest)
     bits = np.array([(self._digit << 16) | low], np.uint32)
     return float(bits.view(np.float32)[0])
+
+
+  def greater(self) -> int:
+    """How many entries have a magnitude strictly above `threshold` (so that k - greater of
+    those equal to it complete the top k). 0 for ``k <= 0``; ``size`` entries are kept whole
+    for ``k > size`` (threshold 0), reported as 0 above it."""
+    if not self.needs_data:
+      return 0
+    _, above_low = _top_digit(self._low, self._rest)
+    return self._above_high + above_low
 
 
 def kth_largest_magnitude(arrays: Iterable[np.ndarray], k: int) -> float:

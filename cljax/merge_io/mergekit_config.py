@@ -22,9 +22,12 @@ Accepted keys. Top level: ``merge_method``, ``base_model``, ``models``, ``parame
 ``parameters`` with ``weight`` and ``density`` (each model may have its own, for TIES and DARE
 alike). Global ``parameters``: ``lambda``, ``normalize``, ``weight`` and ``density`` (defaults
 for every model, as in mergekit), ``int8_mask`` (a mergekit memory option; ignored), ``rescale``
-(DARE: true, the default, divides the kept entries by the density, false keeps them as they are;
-TIES: must stay false) and cljax's ``trim`` (``per_tensor`` as mergekit, or ``global`` as the
-TIES paper), ``reduce`` (continual_ties) and ``alpha`` (opcm).
+(DARE: true, the default, divides the kept entries by the density, as the paper; ``l1`` scales
+each model's dropped tensor back to the L1 norm of its task vector, as mergekit's current
+``rescale``; false keeps them as they are; TIES: must stay false) and cljax's ``trim`` (``per_tensor`` as mergekit, or ``global`` as the
+TIES paper), ``selection`` (TIES: ``exact``, mergekit's int(density * n) entries per tensor, the
+default with per_tensor, or ``threshold``, the paper's round(density * n)-th magnitude with its
+ties), ``reduce`` (continual_ties) and ``alpha`` (opcm).
 
 Anything else is an error naming the key: mergekit's ``slices``/``modules``, gradients or filtered
 lists as parameter values, methods cljax does not implement (slerp, della, ...), unknown keys.
@@ -65,12 +68,13 @@ _UNSUPPORTED_TOP_KEYS = {
 }
 _MODEL_PARAMS = ('weight', 'density')
 _GLOBAL_PARAMS = ('lambda', 'normalize', 'weight', 'density', 'int8_mask', 'rescale', 'trim',
-                  'reduce', 'alpha')
+                  'selection', 'reduce', 'alpha')
+SELECTIONS = ('exact', 'threshold')
 # The parameters each method reads (int8_mask is accepted everywhere and has no effect).
 _USES = {
     'linear': {'weight', 'normalize'},
     'task_arithmetic': {'weight', 'normalize', 'lambda'},
-    'ties': {'weight', 'density', 'normalize', 'lambda', 'trim', 'rescale'},
+    'ties': {'weight', 'density', 'normalize', 'lambda', 'trim', 'selection', 'rescale'},
     'dare_ties': {'weight', 'density', 'normalize', 'lambda', 'rescale'},
     'dare_linear': {'weight', 'density', 'normalize', 'lambda', 'rescale'},
     'magmax': {'lambda'},
@@ -113,13 +117,20 @@ class MergeConfig(NamedTuple):
     scaling: mergekit's ``lambda``, applied to the merged task vector.
     normalize: mergekit's ``normalize``.
     trim: TIES trim ranking, 'per_tensor' (mergekit) or 'global' (the TIES paper).
+    selection: TIES's kept entries per model, None for the default of the trim: 'exact' (the
+      default with per_tensor, mergekit's
+      ``sparsify.magnitude``: exactly int(density * n) per tensor, ties at the threshold kept
+      in row-major order) or 'threshold' (the paper and `static.ties`: the round(density * n)-th
+      largest magnitude and every entry tied with it; the only choice with trim: global).
     reduce: continual_ties's disjoint 'sum' or 'mean'.
     alpha: OPCM's protected share of singular-value mass.
     dtype: output dtype of floating tensors ('float32', 'bfloat16', 'float16'), or None to keep
       each tensor's dtype in the base model.
     exclude: regexes over tensor names whose tensors keep the base's values.
-    rescale: DARE divides the entries it keeps by their model's density (mergekit's
-      ``rescale``; Yu et al. 2024); False keeps them unscaled.
+    rescale: DARE: True divides the entries it keeps by their model's density (Yu et al.
+      2024); 'l1' scales each model's dropped task vector, per tensor, back to its L1 norm
+      (mergekit's current ``rescale``: ``sparsify.rescaled_masked_tensor`` with
+      ``RescaleNorm.l1``); False keeps them unscaled.
   """
 
   method: str
@@ -128,6 +139,7 @@ class MergeConfig(NamedTuple):
   scaling: float = 1.0
   normalize: bool = False
   trim: str = 'per_tensor'
+  selection: Optional[str] = None
   reduce: str = 'sum'
   alpha: float = 0.5
   dtype: Optional[str] = None
@@ -236,19 +248,29 @@ def _global_parameters(raw: Any, method: str, source: str) -> tuple:
     if k in ('weight', 'density'):
       defaults[k] = _number(v, source, key)
       given[key] = defaults[k]
+    elif k == 'rescale' and v == 'l1':
+      settings[k] = given[key] = 'l1'
     elif k in ('normalize', 'int8_mask', 'rescale'):
       settings[k] = given[key] = _flag(v, source, key)
     elif k == 'trim':
       settings[k] = given[key] = _choice(v, TRIM_MODES, source, key)
+    elif k == 'selection':
+      settings[k] = given[key] = _choice(v, SELECTIONS, source, key)
     elif k == 'reduce':
       settings[k] = given[key] = _choice(v, ('sum', 'mean'), source, key)
     else:   # lambda, alpha
       settings[k] = given[key] = _number(v, source, key)
   if 'alpha' in settings and not 0.0 < settings['alpha'] <= 1.0:
     raise _error(source, 'parameters.alpha', f'must lie in (0, 1]; got {settings["alpha"]}')
+  if settings.get('rescale') == 'l1' and method not in ('dare_ties', 'dare_linear'):
+    raise _error(source, 'parameters.rescale', f'l1 applies to dare_ties and dare_linear only; '
+                 f'got merge_method {method}')
   if settings.get('rescale') is True and method == 'ties':
     raise _error(source, 'parameters.rescale', 'true is not supported for ties (mergekit\'s '
                  'L1 rescaling after the magnitude trim)')
+  if settings.get('selection') == 'exact' and settings.get('trim') == 'global':
+    raise _error(source, 'parameters.selection', 'exact (mergekit\'s per-tensor top k) needs '
+                 'trim: per_tensor; trim: global ranks as the paper (selection: threshold)')
   if settings.get('trim') == 'global' and method == 'continual_ties':
     raise _error(source, 'parameters.trim', 'continual_ties out of core supports per_tensor only '
                  '(a global trim of the running merge needs the whole model at every step)')
@@ -326,7 +348,9 @@ def parse_config(raw: Any, *, source: str = '<config>') -> MergeConfig:
   return MergeConfig(
       method=method, base_model=base if base is not None else models[0].path, models=models,
       scaling=settings.get('lambda', 1.0), normalize=normalize,
-      trim=settings.get('trim', 'per_tensor'), reduce=settings.get('reduce', 'sum'),
+      trim=settings.get('trim', 'per_tensor'),
+      selection=settings.get('selection'),
+      reduce=settings.get('reduce', 'sum'),
       alpha=settings.get('alpha', 0.5), dtype=_dtype(raw, source),
       exclude=_exclude(raw.get('exclude'), source), rescale=settings.get('rescale', True))
 

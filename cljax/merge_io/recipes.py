@@ -17,8 +17,8 @@ c_i = w_i / sum_j w_j under ``normalize`` (else w_i):
                       below), then `static.ties_task_vectors` (density 1: elect the sign of the
                       summed mass, disjoint mean under normalize, else the disjoint sum of
                       w_i-weighted entries), then base + lambda * merged. With equal densities
-                      and weights, normalize and the same trim mode, this is `static.ties`
-                      exactly (tested). Unequal weights under normalize: mergekit's weighted
+                      and weights, normalize, the same trim mode and ``selection: threshold``,
+                      this is `static.ties` exactly (tested). Unequal weights under normalize: mergekit's weighted
                       disjoint mean (below), composed here (not a library merge).
   dare_linear         drop: model i keeps each entry of tau_i with probability d_i (its
                       density) and divides the kept ones by d_i (``rescale``, default; else
@@ -43,10 +43,16 @@ Weighted disjoint mean (mergekit's ``normalize`` for TIES and DARE-TIES): with x
 entry, merged = sum_{i in A} x_i / sum_{i in A} w_i (0 where A is empty; a zero denominator is
 taken as 1, as mergekit does). With equal weights it is the disjoint mean.
 
-TIES thresholds: t_i is the k-th largest |tau_i| with k = round(density_i * count) over the
-tensor ('per_tensor', mergekit) or over every merged tensor ('global', the paper); entries with
-|tau_i| >= t_i are kept, as `static.trim_task_vector`. The driver computes t_i exactly by a
-streaming radix selection (`cljax.merge_io.magnitude_select`) and passes it in.
+TIES selection. ``trim: per_tensor`` (default) with ``selection: exact`` (its default) keeps
+exactly k = int(density_i * count) entries of each tensor, as mergekit's ``sparsify.magnitude``:
+every |tau_i| > t_i, t_i the k-th largest magnitude, and of the entries with |tau_i| = t_i the
+first in row-major order (flattened index; mergekit's unstable torch argsort leaves the tie
+order unspecified, cljax fixes it so). ``selection: threshold`` (the paper's rule, and
+`static.trim_task_vector`'s) keeps every |tau_i| >= t_i with k = round(density_i * count), ties
+included; ``trim: global`` ranks over every merged tensor with this rule. The driver computes t_i
+exactly by a streaming radix selection (`cljax.merge_io.magnitude_select`), and for exact
+selection how many tied entries each row block keeps, and passes them in. Magnitudes are those
+of the float32 task vectors (mergekit ranks tau computed in the checkpoint's dtype).
 
 DARE keys: block j of tensor ``name`` (rows [j R, (j + 1) R)) draws its masks with
 ``fold_in(fold_in(key(seed), h), j)``, h the first 4 bytes (little-endian) of SHA-256(name);
@@ -90,6 +96,10 @@ class Block(NamedTuple):
     models: float32 arrays, the models' rows (same shape).
     thresholds: TIES trim thresholds, one per model (None for other methods).
     key: DARE's PRNG key of this block (None for other methods).
+    tie_quota: TIES's exact selection: per model, how many entries of this block with
+      |tau_i| equal to its threshold are kept (the first in row-major order); None keeps all.
+    scales: DARE's ``rescale: l1``: per model, the factor ||tau_i||_1 / ||drop(tau_i)||_1 of
+      the whole tensor (1 where either norm is below 1e-7, as mergekit); None for 1.
   """
 
   name: str
@@ -97,6 +107,8 @@ class Block(NamedTuple):
   models: Sequence[np.ndarray]
   thresholds: Optional[Sequence[float]] = None
   key: Optional[jax.Array] = None
+  tie_quota: Optional[Sequence[int]] = None
+  scales: Optional[Sequence[float]] = None
 
 
 class Recipe(NamedTuple):
@@ -108,10 +120,14 @@ class Recipe(NamedTuple):
     continual: the library's `ContinualMerge` for continual methods, else None.
     densities: per-model TIES densities when thresholds are needed, else None.
     trim: 'per_tensor' or 'global' (TIES thresholds' scope).
+    selection: TIES's kept count: 'exact' (mergekit: int(density * n), ties at the threshold
+      kept in row-major order) or 'threshold' (the paper: round(density * n), all ties kept).
     uses_key: the merge needs ``Block.key`` (DARE).
     blockwise: the merge is elementwise, so a tensor may be merged in row blocks; False for
       continual_ties and OPCM, whose per-tensor steps (trim, SVD) need the whole tensor.
     global_rescale: OPCM: the final ``base + A / lambda`` uses whole-model norms (two passes).
+    l1_sums: DARE with ``rescale: l1``: ``l1_sums(Block) -> (n, 2)`` float64, per model the
+      block's sum |tau_i| and sum |drop(tau_i)| (the driver's first pass), else None.
   """
 
   description: str
@@ -119,9 +135,11 @@ class Recipe(NamedTuple):
   continual: Optional[continual.ContinualMerge] = None
   densities: Optional[tuple] = None
   trim: str = 'per_tensor'
+  selection: str = 'threshold'
   uses_key: bool = False
   blockwise: bool = True
   global_rescale: bool = False
+  l1_sums: Optional[Callable[[Block], np.ndarray]] = None
 
 
 def name_hash(name: str) -> int:
@@ -200,12 +218,20 @@ def _sign_consensus(xs: Sequence[jax.Array], weights: jax.Array, reduce: Optiona
   return static.ties_task_vectors([{'x': x} for x in xs], density=1.0, reduce=reduce)['x']
 
 
+def _keep(tv: jax.Array, threshold: jax.Array, quota: jax.Array) -> jax.Array:
+  """|tv| > threshold, and the first ``quota`` entries (row-major) with |tv| == threshold."""
+  magnitude = jnp.abs(tv)
+  tied = (magnitude == threshold).reshape(-1)
+  rank = (jnp.cumsum(tied, dtype=jnp.int32) - 1).reshape(tv.shape)
+  return (magnitude > threshold) | ((magnitude == threshold) & (rank < quota))
+
+
 @functools.partial(jax.jit, static_argnames=('reduce', 'weighted'))
-def _ties_block(base, models, thresholds, coefficients, scaling, *, reduce, weighted):
+def _ties_block(base, models, thresholds, quotas, coefficients, scaling, *, reduce, weighted):
   trimmed = []
   for i, m in enumerate(models):
     tv = m - base
-    tv = jnp.where(jnp.abs(tv) >= thresholds[i], tv, jnp.zeros_like(tv))
+    tv = jnp.where(_keep(tv, thresholds[i], quotas[i]), tv, jnp.zeros_like(tv))
     trimmed.append(coefficients[i] * tv if weighted else tv)
   return optax.tree.add_scale(base, scaling, _sign_consensus(trimmed, coefficients, reduce))
 
@@ -251,11 +277,32 @@ def _dare_drop(key: jax.Array, tvs: Sequence[jax.Array], densities: tuple,
 
 
 @functools.partial(jax.jit, static_argnames=('densities', 'rescale', 'reduce', 'weighted'))
-def _dare_block(key, base, models, coefficients, scaling, *, densities, rescale, reduce,
+def _dare_block(key, base, models, coefficients, scaling, scales, *, densities, rescale, reduce,
                 weighted):
   dropped = _dare_drop(key, [m - base for m in models], densities, rescale)
+  dropped = [scales[i] * x for i, x in enumerate(dropped)]   # 1 unless rescale: l1
   xs = [coefficients[i] * x if weighted else x for i, x in enumerate(dropped)]
   return optax.tree.add_scale(base, scaling, _sign_consensus(xs, coefficients, reduce))
+
+
+@functools.partial(jax.jit, static_argnames=('densities',))
+def _dare_l1_block(key, base, models, *, densities):
+  """(n, 2): per model sum |tau_i| and sum |drop(tau_i)| (unscaled) over the block."""
+  tvs = [m - base for m in models]
+  dropped = _dare_drop(key, tvs, densities, False)
+  return jnp.stack([jnp.stack([jnp.sum(jnp.abs(t)), jnp.sum(jnp.abs(d))])
+                    for t, d in zip(tvs, dropped)])
+
+
+L1_EPS = 1e-7   # mergekit's rescaled_masked_tensor: no rescale where either norm is below it
+
+
+def l1_scales(sums: np.ndarray) -> tuple:
+  """DARE's L1 rescale factors from a tensor's summed (n, 2) `Recipe.l1_sums`: per model
+  ||tau||_1 / ||drop(tau)||_1, or 1 where either is below `L1_EPS` (mergekit's
+  ``sparsify.rescaled_masked_tensor`` with ``RescaleNorm.l1``)."""
+  return tuple(float(before / after) if before >= L1_EPS and after >= L1_EPS else 1.0
+               for before, after in np.asarray(sums, np.float64))
 
 
 def _checked(fn: Callable) -> Callable[[Block], np.ndarray]:
@@ -329,7 +376,10 @@ def _ties(config) -> Recipe:
 
   def merge(b: Block) -> np.ndarray:
     t = jnp.asarray(b.thresholds, jnp.float32)
-    return _ties_block(b.base, list(b.models), t, cs, s, reduce=reduce, weighted=weighted)
+    # No quota: every entry tied at the threshold is kept (at most the block's size).
+    q = jnp.asarray(b.tie_quota if b.tie_quota is not None else [b.base.size] * len(b.models),
+                    jnp.int32)
+    return _ties_block(b.base, list(b.models), t, q, cs, s, reduce=reduce, weighted=weighted)
 
   densities = tuple(m.density for m in config.models)
   if reduce == 'weighted_mean':
@@ -337,8 +387,14 @@ def _ties(config) -> Recipe:
              f'w = {weights})'
   else:
     merged = f'static.ties_task_vectors(reduce={reduce!r}){", weighted" if weighted else ""}'
-  return Recipe(f'TIES: {config.trim} trim (densities {list(densities)}), {merged}, '
-                f'scaling {scaling:g}', _checked(merge), densities=densities, trim=config.trim)
+  selection = config.selection or ('exact' if config.trim == 'per_tensor' else 'threshold')
+  if config.trim == 'global':
+    selection = 'threshold'   # the paper's global ranking (mergekit_config refuses exact)
+  kept = ('exactly int(density n) kept' if selection == 'exact' else
+          'round(density n)-th magnitude and its ties kept')
+  return Recipe(f'TIES: {config.trim} trim (densities {list(densities)}, {kept}), {merged}, '
+                f'scaling {scaling:g}', _checked(merge), densities=densities, trim=config.trim,
+                selection=selection)
 
 
 def _dare_reduce(config, ties_merge: bool) -> tuple:
@@ -358,7 +414,9 @@ def _dare_reduce(config, ties_merge: bool) -> tuple:
 def _dare(config) -> Recipe:
   densities = tuple(m.density for m in config.models)
   ties_merge = config.method == 'dare_ties'
-  one_drop = _all_equal(densities) and config.rescale
+  l1 = config.rescale == 'l1'
+  rescale = config.rescale is True   # divide the kept entries by d_i
+  one_drop = _all_equal(densities) and rescale
   c, reduce, weighted, scaling = _dare_reduce(config, ties_merge)
   if one_drop:
     drop_rate = 1.0 - densities[0]
@@ -369,17 +427,26 @@ def _dare(config) -> Recipe:
                     f'scaling={scaling:g})', fn, uses_key=True)
     drop = f'static.dare_task_vectors(drop_rate={drop_rate:g})'
   else:
-    drop = (f'DARE drop per model (densities {list(densities)}, '
-            f'{"rescaled by 1 / density" if config.rescale else "not rescaled"})')
+    how = ('rescaled to the L1 norm of tau_i per tensor' if l1 else
+           'rescaled by 1 / density' if rescale else 'not rescaled')
+    drop = f'DARE drop per model (densities {list(densities)}, {how})'
   cs, s = jnp.asarray(c, jnp.float32), jnp.float32(scaling)
 
   def merge(b: Block) -> np.ndarray:
-    return _dare_block(b.key, b.base, list(b.models), cs, s, densities=densities,
-                       rescale=config.rescale, reduce=reduce, weighted=weighted)
+    scales = jnp.asarray(b.scales if b.scales is not None else [1.0] * len(b.models),
+                         jnp.float32)
+    return _dare_block(b.key, b.base, list(b.models), cs, s, scales, densities=densities,
+                       rescale=rescale, reduce=reduce, weighted=weighted)
+
+  def l1_sums(b: Block) -> np.ndarray:
+    b = _on_device(b)
+    return np.asarray(_dare_l1_block(b.key, b.base, list(b.models), densities=densities),
+                      np.float64)
 
   weights_note = ', weighted' if weighted and reduce != 'weighted_mean' else ''
   return Recipe(f'{drop}, {_REDUCE_NAMES[reduce]}{weights_note}, '
-                f'scaling {scaling:g}', _checked(merge), uses_key=True)
+                f'scaling {scaling:g}', _checked(merge), uses_key=True,
+                l1_sums=l1_sums if l1 else None)
 
 
 # mergekit's names for the registry's merges (the YAML's merge_method); every other method is
@@ -394,13 +461,18 @@ _WEIGHTED = {'average': _linear, 'task_arithmetic': _task_arithmetic, 'ties': _t
 # final rescaling uses whole-model norms (`checkpoint_merge` runs a first pass for them).
 _WHOLE_TENSOR = ('continual_ties', 'opcm')
 _GLOBAL_RESCALE = ('opcm',)
+# OPCM's projected tensors, as the authors project nn.Linear weights only: Flax Dense kernels
+# ('.../kernel', Orbax inputs) and Hugging Face '*.weight' tensors but embeddings (2-D tensors
+# only; norms and biases are 1-D). Embeddings, norms and biases are added unprojected.
+OPCM_PROJECT = (r'(.*/)?kernel', r'(?!.*(embed|wte|wpe)).*\.weight')
 
 
 def _config_hparams(config: mergekit_config.MergeConfig, entry: registry.MergeMethod) -> dict:
   """The registered merge's hyperparameters from the config: ``scaling`` = lambda, one
-  ``density`` for all models, ``trim``, ``reduce``, ``alpha``; those the merge takes."""
+  ``density`` for all models, ``trim``, ``reduce``, ``alpha``, and OPCM's projected tensors
+  `OPCM_PROJECT`; those the merge takes (other hyperparameters keep their defaults)."""
   values = dict(scaling=config.scaling, trim=config.trim, reduce=config.reduce,
-                alpha=config.alpha)
+                alpha=config.alpha, project=OPCM_PROJECT)
   if 'density' in entry.hparams:
     densities = {m.density for m in config.models}
     if len(densities) > 1:

@@ -12,6 +12,7 @@ from cljax.merging.continual import mass_rank
 from cljax.merging.continual import opcm
 from cljax.merging.continual import opcm_projection
 from cljax.merging.continual import OPCMState
+from cljax.merging.continual import split_index
 from cljax.merging.continual import SumState
 from cljax.merging.continual import TiesState
 from cljax.merging.registry import check_names
@@ -49,6 +50,6 @@ __all__ = [
     'continual_average', 'continual_merge', 'continual_task_arithmetic', 'continual_ties',
     'dare', 'dare_task_arithmetic', 'dare_task_vectors', 'dare_ties', 'fisher', 'frank_wolfe',
     'frank_wolfe_with_info', 'get', 'kth_largest_magnitude', 'leaf_names', 'magmax',
-    'mass_rank', 'merge', 'merge_mask', 'opcm', 'opcm_projection', 'path_name',
+    'mass_rank', 'merge', 'merge_mask', 'opcm', 'opcm_projection', 'path_name', 'split_index',
     'task_arithmetic', 'task_vector', 'ties', 'ties_task_vectors', 'trim_task_vector',
 ]

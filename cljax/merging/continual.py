@@ -341,49 +341,93 @@ def mass_rank(singular_values: jax.Array, alpha: Any) -> jax.Array:
   return jnp.where(total > 0, jnp.minimum(short + 1, s.shape[0]), 0)
 
 
+def split_index(singular_values: jax.Array, alpha: Any) -> jax.Array:
+  """The authors' OPCM split: the first index whose cumulative singular-value share exceeds alpha.
+
+  ``r = argmax_i [sum_{j<=i} s_j / sum_j s_j > alpha]`` (0-based), 0 when no share exceeds alpha
+  (alpha = 1, or an all-zero input): FusionBench's ``split_rank``, which zeroes an r x r block.
+  For a share that never equals alpha exactly this is ``mass_rank - 1``. Jittable.
+
+  Args:
+    singular_values: (k,) nonnegative, descending.
+    alpha: scalar in (0, 1].
+
+  Returns:
+    int32 scalar in [0, k - 1].
+
+  Raises:
+    ValueError: a concrete alpha outside (0, 1].
+
+  References:
+    Tang et al., arXiv 2501.09522, Sec. 3; FusionBench ``fusion_bench/method/opcm/opcm_general.py``
+    (``merge_linear_weights``: ``(s.cumsum(0) / s.sum() > alpha).float().argmax()``).
+  """
+  if not validation.is_traced(alpha):
+    validation.check_interval(alpha, name='alpha', low=0.0, high=1.0, low_open=True)
+  s = singular_values.astype(tvlib.compute_dtype(singular_values.dtype))
+  total = jnp.sum(s)
+  share = jnp.cumsum(s) / jnp.where(total > 0, total, 1.0)
+  exceeds = (share > alpha) & (total > 0)
+  return jnp.argmax(exceeds).astype(jnp.int32)   # argmax of all-False is 0, as in torch
+
+
+RANK_RULES = ('index', 'count')
+# OPCM's projected leaves by default: 2-D Dense kernels (Flax's '.../kernel'; conv kernels are
+# 4-D, embeddings are named 'embedding'), as the authors project only nn.Linear weights.
+DEFAULT_PROJECT = r'(.*/)?kernel'
+
+
+def _block_size(s: jax.Array, alpha: Any, rank_rule: str) -> jax.Array:
+  return split_index(s, alpha) if rank_rule == 'index' else mass_rank(s, alpha)
+
+
 def opcm_projection(task_vector: jax.Array, merged_task_vector: jax.Array, *,
-                    alpha: Any) -> jax.Array:
+                    alpha: Any, rank_rule: str = 'index') -> jax.Array:
   """OPCM's projection of a new 2-D task vector against the merged task vector's SVD.
 
-  With ``merged_task_vector = U S Vᵀ`` (thin SVD, k = min(m, n)) and r = `mass_rank`(S, alpha),
-  the coefficients C = Uᵀ tau V (k x k) lose their diagonal and their leading r x r block:
+  With ``merged_task_vector = U S Vᵀ`` (thin SVD, k = min(m, n), `cljax.subspace.truncated_svd`)
+  and a block size r from S, the coefficients C = Uᵀ tau V (k x k) lose their diagonal and their
+  leading r x r block:
 
     P(tau) = tau - U (M ⊙ C) Vᵀ,   M_ij = [i == j or (i < r and j < r)].
 
-  This equals mapping back U_full C'_full V_fullᵀ the full-SVD coefficients with those entries
-  zeroed (every zeroed entry lies in the leading k x k block), without forming the m x m and
-  n x n bases. If the merged task vector is zero there is nothing to protect and tau is returned
-  unchanged. Jittable; matmuls at HIGHEST precision.
+  ``rank_rule='index'`` (default, the authors' code): r = `split_index`(S, alpha), the index at
+  which the cumulative share of singular values first exceeds alpha. ``'count'``: r =
+  `mass_rank`(S, alpha), the smallest number of values reaching alpha (one more row and column,
+  unless a share equals alpha exactly). This equals mapping back U_full C'_full V_fullᵀ the
+  full-SVD coefficients with those entries zeroed (every zeroed entry lies in the leading k x k
+  block), without forming the m x m and n x n bases. If the merged task vector is zero there is
+  nothing to protect and tau is returned unchanged (the authors' code would divide by zero).
+  Jittable; matmuls at HIGHEST precision.
 
   Args:
     task_vector: (m, n) float, the new task vector's leaf.
     merged_task_vector: (m, n) float, the current merged task vector's leaf (any positive
       scaling of it gives the same projection).
     alpha: scalar in (0, 1] (checked when concrete).
+    rank_rule: 'index' or 'count' (above).
 
   Returns:
     (m, n) float32 (or wider).
 
   Raises:
-    ValueError: inputs not 2-D or of different shapes; alpha outside (0, 1].
+    ValueError: inputs not 2-D or of different shapes; alpha outside (0, 1]; unknown rank_rule.
 
   References:
     Tang et al., arXiv 2501.09522, Sec. 3 (projection onto the subspace orthogonal to the merged
-    task vector's singular directions, diagonal and leading r_alpha block removed);
-    FusionBench ``opcm/opcm.py`` ``merge_linear_weights``. FusionBench computes its split as
-    ``argmax(cumsum(s) / sum(s) > alpha)``, i.e. r - 1 here (when no share equals alpha
-    exactly), so it zeroes an (r - 1) x (r - 1) block; we follow the paper's smallest rank
-    reaching alpha.
+    task vector's singular directions, diagonal and leading block removed); FusionBench
+    ``opcm/opcm_general.py`` ``merge_linear_weights``.
   """
   if task_vector.ndim != 2 or task_vector.shape != merged_task_vector.shape:
     raise ValueError(f'opcm_projection needs two 2-D arrays of one shape; got '
                      f'{task_vector.shape} and {merged_task_vector.shape}')
   if not validation.is_traced(alpha):
     validation.check_interval(alpha, name='alpha', low=0.0, high=1.0, low_open=True)
+  validation.check_choice(rank_rule, name='rank_rule', choices=RANK_RULES)
   dtype = tvlib.compute_dtype(task_vector.dtype)
   tau = task_vector.astype(dtype)
   u, s, v = subspace.truncated_svd(merged_task_vector.astype(dtype), min(tau.shape))
-  r = mass_rank(s, alpha)
+  r = _block_size(s, alpha, rank_rule)
   coeff = _matmul(_matmul(u.T, tau), v)
   idx = jnp.arange(s.shape[0])
   remove = (idx[:, None] == idx[None, :]) | ((idx[:, None] < r) & (idx[None, :] < r))
@@ -391,7 +435,15 @@ def opcm_projection(task_vector: jax.Array, merged_task_vector: jax.Array, *,
   return jnp.where(s[0] > 0, projected, tau)
 
 
-def opcm(*, alpha: float = 0.5, exclude: Exclude = None) -> ContinualMerge:
+def _project_flags(base: Params, flags: tuple, patterns: list) -> tuple:
+  """Per merged leaf (flattening order): projected (2-D and a ``project`` pattern matches)."""
+  names = tvlib.leaf_names(base)
+  return tuple(x.ndim == 2 and any(p.fullmatch(n) for p in patterns)
+               for x, n, m in zip(jax.tree.leaves(base), names, flags) if m)
+
+
+def opcm(*, alpha: float = 0.5, rank_rule: str = 'index',
+         project: Exclude = DEFAULT_PROJECT, exclude: Exclude = None) -> ContinualMerge:
   """OPCM: orthogonal-projection continual merging with adaptive scaling.
 
   The state keeps the unscaled merged task vector A_t, the sum of task-vector norms and the count
@@ -400,10 +452,12 @@ def opcm(*, alpha: float = 0.5, exclude: Exclude = None) -> ContinualMerge:
     A_1 = tau_1
     A_t = A_{t-1} + P_{A_{t-1}}(tau_t)                                          (t >= 2)
 
-  where, for every 2-D leaf, P is `opcm_projection` against that leaf of A_{t-1} (the SVD
-  directions of the merged task vector; its scale does not matter), and every other leaf (biases,
-  norms, conv kernels, ...) is added unprojected, as the paper does for non-linear-layer
-  parameters. The merged model rescales A_t so that its norm equals the running mean of the
+  where, for every projected leaf, P is `opcm_projection` against that leaf of A_{t-1} (the SVD
+  directions of the merged task vector; its scale does not matter), and every other merged leaf
+  is added unprojected. The projected leaves are the 2-D leaves whose '/'-joined path
+  `re.fullmatch`-es a ``project`` pattern: by default Dense kernels (``'(.*/)?kernel'``), as the
+  authors project only ``nn.Linear`` weights and add embeddings, norms, biases and convolutions
+  unprojected. The merged model rescales A_t so that its norm equals the running mean of the
   task-vector norms:
 
     lambda_t = ||A_t|| / ((1/t) sum_{i<=t} ||tau_i||),    params_t = base + A_t / lambda_t,
@@ -415,19 +469,31 @@ def opcm(*, alpha: float = 0.5, exclude: Exclude = None) -> ContinualMerge:
   Args:
     alpha: share of singular-value mass whose leading block is protected, in (0, 1]
       (FusionBench's default 0.5).
+    rank_rule: the protected block's size r from the merged leaf's singular values: 'index'
+      (default, the authors' code: the index where the cumulative share first exceeds alpha,
+      `split_index`) or 'count' (the smallest count of values reaching alpha, `mass_rank`: one
+      more row and column).
+    project: regex(es) over leaf paths selecting the leaves projected (2-D ones only); a
+      pattern matching no leaf projects nothing. ``'.*'`` projects every 2-D leaf.
     exclude: regex(es) of leaves that are not merged.
 
   Returns:
     A `ContinualMerge` over `OPCMState`.
 
   Raises:
-    ValueError: alpha outside (0, 1].
+    ValueError: alpha outside (0, 1], an unknown rank_rule, a ``project`` pattern that is not a
+      valid regex.
 
   References:
     Tang et al., arXiv 2501.09522, Sec. 3 and Algorithm 1 (projection P_alpha, time-varying
-    scaling lambda_t); FusionBench ``fusion_bench/method/opcm/opcm.py``.
+    scaling lambda_t); FusionBench ``fusion_bench/method/opcm/opcm_general.py``.
   """
   alpha = validation.check_interval(alpha, name='alpha', low=0.0, high=1.0, low_open=True)
+  validation.check_choice(rank_rule, name='rank_rule', choices=RANK_RULES)
+  try:
+    patterns = tvlib._patterns(project)
+  except ValueError as e:
+    raise ValueError(str(e).replace('exclude', 'project')) from None
 
   def init(base: Params) -> OPCMState:
     base = _own_base(base, exclude)
@@ -436,14 +502,15 @@ def opcm(*, alpha: float = 0.5, exclude: Exclude = None) -> ContinualMerge:
 
   def update(state: OPCMState, finetuned: Params) -> OPCMState:
     flags = _check_update(state.base, finetuned, exclude)
-    return _opcm_update_impl(state, finetuned, alpha=alpha, flags=flags)
+    return _opcm_update_impl(state, finetuned, alpha=alpha, rank_rule=rank_rule, flags=flags,
+                             projected=_project_flags(state.base, flags, patterns))
 
   return ContinualMerge(init, update, _opcm_params)
 
 
-@functools.partial(jax.jit, static_argnames=('alpha', 'flags'))
-def _opcm_update_impl(state: OPCMState, finetuned: Params, *, alpha: float,
-                      flags: tuple) -> OPCMState:
+@functools.partial(jax.jit, static_argnames=('alpha', 'rank_rule', 'flags', 'projected'))
+def _opcm_update_impl(state: OPCMState, finetuned: Params, *, alpha: float, rank_rule: str,
+                      flags: tuple, projected: tuple) -> OPCMState:
   t_leaves = _task_vector_leaves(state.base, finetuned, flags)
   a_leaves = _included(state.projected_sum, flags)
 
@@ -452,8 +519,8 @@ def _opcm_update_impl(state: OPCMState, finetuned: Params, *, alpha: float,
     return list(t)
 
   def later(a, t):
-    return [x + (opcm_projection(y, x, alpha=alpha) if y.ndim == 2 else y)
-            for x, y in zip(a, t)]
+    return [x + (opcm_projection(y, x, alpha=alpha, rank_rule=rank_rule) if p else y)
+            for x, y, p in zip(a, t, projected)]
 
   new = jax.lax.cond(state.count == 0, first, later, a_leaves, t_leaves)
   norm = optax.tree.norm(t_leaves).astype(jnp.float32)

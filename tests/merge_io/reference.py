@@ -37,6 +37,20 @@ def np_trim(tv, density):
   return np.where(np.abs(tv) >= t, tv, 0)
 
 
+def np_magnitude(tv, density):
+  """mergekit's ``sparsify.magnitude``, transcribed: exactly k = int(density * size) entries of
+  largest |tv| kept (density >= 1 keeps all), by an argsort of |tv| descending. mergekit's
+  ``torch.argsort`` is not stable, so its order among equal magnitudes is unspecified; this
+  reference (and cljax) keeps the lower row-major index first (a stable sort). mergekit stops on
+  k = 0 (an assertion); this keeps nothing."""
+  if density >= 1:
+    return tv
+  k = int(density * tv.size)
+  keep = np.zeros(tv.size, bool)
+  keep[np.argsort(-np.abs(tv).reshape(-1), kind='stable')[:k]] = True
+  return np.where(keep.reshape(tv.shape), tv, np.zeros_like(tv))
+
+
 def np_weighted_disjoint_mean(xs, weights):
   """mergekit's normalized sign consensus: sum of the agreeing w_i tau_i / sum of their w_i."""
   x = np.stack(xs)

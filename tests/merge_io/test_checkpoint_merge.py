@@ -20,11 +20,12 @@ from safetensors.numpy import save_file
 from cljax.merge_io import checkpoint_merge
 from cljax.merging import continual
 from cljax.merge_io import mergekit_config
+from cljax.merge_io import recipes
 from cljax.merge_io import safetensors_reader
 from cljax.merging import static
-from .reference import np_trim, np_weighted_disjoint_mean, read_folder
+from .reference import np_magnitude, np_trim, np_weighted_disjoint_mean, read_folder
 
-SHAPES = {'model.embed.weight': (20, 6), 'model.layers.0.w': (6, 5), 'model.norm': (6,),
+SHAPES = {'model.embed.weight': (20, 6), 'model.layers.0.weight': (6, 5), 'model.norm': (6,),
           'scale': ()}
 FLOAT_NAMES = list(SHAPES)
 SMALL_BLOCKS = 13   # splits the (20, 6) and (6, 5) tensors into several row blocks
@@ -190,7 +191,9 @@ def test_opcm_matches_library_up_to_the_global_scale_rounding(folders):
   tmp, base, models, paths = folders
   run(config_of('opcm', paths, alpha=0.5), tmp / 'out')
   merged = read_folder(tmp / 'out')
-  reference = continual_reference(continual.opcm(alpha=0.5), base, models)
+  # The authors' leaves: the Linear weight is projected, the embedding added unprojected.
+  reference = continual_reference(continual.opcm(alpha=0.5, project=recipes.OPCM_PROJECT),
+                                  base, models)
   for name in FLOAT_NAMES:
     np.testing.assert_allclose(merged[name], np.asarray(reference[name]), rtol=1e-5, atol=1e-6)
 
@@ -232,13 +235,41 @@ def test_weighted_ties_disjoint_sum(folders, block_entries):
   merged = read_folder(tmp / 'out')
   for name in FLOAT_NAMES:
     b = base[name].astype(np.float64)
-    x = np.stack([wi * np_trim(m[name].astype(np.float64) - b, di)
+    x = np.stack([wi * np_magnitude(m[name].astype(np.float64) - b, di)
                   for wi, di, m in zip(w, d, models)])
     sign = np.sign(x.sum(0))
     expected = b + 0.7 * np.where((np.sign(x) == sign) & (x != 0), x, 0).sum(0)
     np.testing.assert_allclose(merged[name], expected, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+
+
+@pytest.mark.parametrize('block_entries', [checkpoint_merge.DEFAULT_BLOCK_ENTRIES, SMALL_BLOCKS])
+@pytest.mark.parametrize('density', [0.3, 0.55])
+def test_ties_keeps_mergekits_exact_top_k_on_bfloat16_ties(tmp_path, block_entries, density):
+  # One model against a zero base, bf16 values from a 4-value set: most magnitudes are tied,
+  # and base + 1 * disjoint mean of one task vector is its trimmed task vector, bit for bit.
+  rng = np.random.default_rng(7)
+  values = np.asarray([-0.5, -0.25, 0.25, 0.5, 1.0], ml_dtypes.bfloat16)
+  base = {k: np.zeros(s, ml_dtypes.bfloat16) for k, s in SHAPES.items()}
+  model = {k: np.asarray(values[rng.integers(0, len(values), s)]) for k, s in SHAPES.items()}
+  paths = [write_folder(str(tmp_path / 'base'), base), write_folder(str(tmp_path / 'ft'), model)]
+  config = config_of('ties', paths, densities=[density], normalize=True)
+  run(config, tmp_path / 'out', block_entries=block_entries)
+  merged = read_folder(tmp_path / 'out')
+  for name in FLOAT_NAMES:
+    expected = np_magnitude(model[name].astype(np.float32), density).astype(ml_dtypes.bfloat16)
+    assert merged[name].dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(merged[name].view(np.uint16), expected.view(np.uint16),
+                                  err_msg=name)
+    assert np.count_nonzero(merged[name]) == int(density * model[name].size)
+  # The paper's rule keeps round(density n) and every entry tied with the last one.
+  run(config._replace(selection='threshold'), tmp_path / 'paper', block_entries=block_entries)
+  paper = read_folder(tmp_path / 'paper')
+  name = 'model.embed.weight'
+  np.testing.assert_array_equal(paper[name], np_trim(model[name].astype(np.float32), density)
+                                .astype(ml_dtypes.bfloat16))
+  assert np.count_nonzero(paper[name]) > np.count_nonzero(merged[name])
 
 
 def np_disjoint_sum(xs):
@@ -258,7 +289,8 @@ def test_normalized_weighted_ties_is_mergekits_weighted_disjoint_mean(folders, w
   merged = read_folder(tmp / 'out')
   for name in FLOAT_NAMES:
     b = base[name].astype(np.float64)
-    xs = [wi * np_trim(m[name].astype(np.float64) - b, di) for wi, di, m in zip(weights, d, models)]
+    xs = [wi * np_magnitude(m[name].astype(np.float64) - b, di)
+          for wi, di, m in zip(weights, d, models)]
     expected = b + 0.7 * np_weighted_disjoint_mean(xs, weights)
     np.testing.assert_allclose(merged[name], expected, rtol=1e-5, atol=1e-6, err_msg=name)
 
@@ -279,7 +311,19 @@ DARE_CASES = {
     'ties_per_model_normalized': ('dare_ties', [0.5, 0.25, 0.75], [1.0, 0.5, 2.0], True, True),
     'ties_per_model_no_rescale': ('dare_ties', [0.75, 0.5, 0.25], [1.0, 0.5, 2.0], False, False),
     'ties_one_density_weighted_mean': ('dare_ties', [0.5, 0.5, 0.5], [1.0, 0.5, 2.0], True, True),
+    'linear_l1': ('dare_linear', [0.5, 0.25, 0.75], [1.0, 0.5, 2.0], False, 'l1'),
+    'linear_one_density_l1': ('dare_linear', [0.5, 0.5, 0.5], [1.0, 1.0, 1.0], True, 'l1'),
+    'ties_l1': ('dare_ties', [0.5, 0.25, 0.75], [1.0, 0.5, 2.0], True, 'l1'),
 }
+
+
+def np_l1_rescaled(tv, mask):
+  """mergekit's ``rescaled_masked_tensor(tv, mask, RescaleNorm.l1)``, transcribed."""
+  masked = tv * mask
+  before, after = np.abs(tv).sum(), np.abs(masked).sum()
+  if before < 1e-7 or after < 1e-7:
+    return masked
+  return masked * (before / after)
 
 
 @pytest.mark.parametrize('case', sorted(DARE_CASES))
@@ -293,8 +337,11 @@ def test_dare_per_model_density_and_rescale_follow_mergekit(folders, case):
   for name in FLOAT_NAMES:
     b = base[name].astype(np.float64)
     masks = np_dare_masks(5, name, b.shape, d)
-    kept = [np.where(mask, (m[name] - b) / di if rescale else m[name] - b, 0.0)
-            for mask, di, m in zip(masks, d, models)]
+    if rescale == 'l1':
+      kept = [np_l1_rescaled(m[name] - b, mask) for mask, m in zip(masks, models)]
+    else:
+      kept = [np.where(mask, (m[name] - b) / di if rescale else m[name] - b, 0.0)
+              for mask, di, m in zip(masks, d, models)]
     if method == 'dare_linear':
       c = np.asarray(w) / sum(w) if normalize else np.asarray(w)
       tv = sum(ci * x for ci, x in zip(c, kept))
@@ -369,7 +416,9 @@ def test_single_shard_and_single_file_inputs(tmp_path):
 def test_bfloat16_inputs_are_merged_in_float32(tmp_path):
   base, models = random_models(n=2, dtype=ml_dtypes.bfloat16)
   paths = [write_folder(str(tmp_path / f'm{i}'), t) for i, t in enumerate([base] + models)]
-  run(config_of('ties', paths, densities=[0.5, 0.5], normalize=True), tmp_path / 'out')
+  # The library's (paper's) selection: static.ties keeps every entry tied at the threshold.
+  run(config_of('ties', paths, densities=[0.5, 0.5], normalize=True, selection='threshold'),
+      tmp_path / 'out')
   merged = read_folder(tmp_path / 'out')
   reference = static.ties(f32(base), [f32(m) for m in models], density=0.5, trim='per_tensor')
   for name in FLOAT_NAMES:
@@ -385,7 +434,7 @@ def test_exclude_keeps_the_base_and_unknown_pattern_fails(folders):
   merged = read_folder(tmp / 'out')
   np.testing.assert_array_equal(merged['model.norm'], base['model.norm'])
   np.testing.assert_array_equal(merged['scale'], base['scale'])
-  assert not np.array_equal(merged['model.layers.0.w'], base['model.layers.0.w'])
+  assert not np.array_equal(merged['model.layers.0.weight'], base['model.layers.0.weight'])
   with pytest.raises(ValueError, match="'lm_head.*' matches no tensor"):
     run(config_of('task_arithmetic', paths, exclude=('lm_head.*',)), tmp / 'out2')
   assert not (tmp / 'out2').exists()
@@ -471,19 +520,19 @@ def test_extra_tensor_is_named(tmp_path):
 
 def test_shape_mismatch_is_named(tmp_path):
   base, models = random_models(n=2)
-  models[0]['model.layers.0.w'] = np.zeros((5, 6), np.float32)
+  models[0]['model.layers.0.weight'] = np.zeros((5, 6), np.float32)
   paths = [write_folder(str(tmp_path / f'm{i}'), t) for i, t in enumerate([base] + models)]
-  with pytest.raises(ValueError, match=r"tensor 'model\.layers\.0\.w' has shape \(5, 6\) in "
+  with pytest.raises(ValueError, match=r"tensor 'model\.layers\.0\.weight' has shape \(5, 6\) in "
                                        r'.*m1 but \(6, 5\)'):
     run(config_of('ties', paths, densities=[0.5, 0.5]), tmp_path / 'out')
 
 
 def test_nan_in_a_model_is_named(tmp_path):
   base, models = random_models(n=2)
-  models[1]['model.layers.0.w'][2, 3] = np.nan
+  models[1]['model.layers.0.weight'][2, 3] = np.nan
   paths = [write_folder(str(tmp_path / f'm{i}'), t) for i, t in enumerate([base] + models)]
   for trim in ('per_tensor', 'global'):
-    with pytest.raises(ValueError, match=r'model\.layers\.0\.w'):
+    with pytest.raises(ValueError, match=r'model\.layers\.0\.weight'):
       run(config_of('ties', paths, densities=[0.5, 0.5], trim=trim), tmp_path / 'out')
   assert not (tmp_path / 'out').exists()
   assert leftovers(tmp_path) == []

@@ -172,8 +172,11 @@ def _config(method, weights, densities=None, **params):
     (_config('dare_ties', [0.4, 0.3], [0.5, 0.5]),
      'static.dare_task_vectors(drop_rate=0.5), disjoint sum, weighted, scaling 1'),
     (_config('ties', [0.5, 0.5], [0.2, 0.4], **{'lambda': 2.0, 'normalize': False}),
-     "TIES: per_tensor trim (densities [0.2, 0.4]), static.ties_task_vectors(reduce='sum'), "
-     'scaling 1'),
+     "TIES: per_tensor trim (densities [0.2, 0.4], exactly int(density n) kept), "
+     "static.ties_task_vectors(reduce='sum'), scaling 1"),
+    (_config('ties', [0.5, 0.5], [0.2, 0.4], selection='threshold', **{'normalize': False}),
+     "TIES: per_tensor trim (densities [0.2, 0.4], round(density n)-th magnitude and its ties "
+     "kept), static.ties_task_vectors(reduce='sum'), scaling 0.5"),
     (_config('magmax', [1, 1]), 'static.magmax(scaling=1)'),
 ])
 def test_recipe_resolution(config, description):
@@ -183,7 +186,8 @@ def test_recipe_resolution(config, description):
 @pytest.mark.parametrize('config,description', [
     (parse(dict(TIES, models=[{'model': 'base'}, {'model': 'a', 'parameters': {'weight': 1.0}},
                               {'model': 'c', 'parameters': {'weight': 2.0}}])),
-     'TIES: per_tensor trim (densities [0.7, 0.7]), weighted disjoint mean (sum_i w_i tau_i / '
+     'TIES: per_tensor trim (densities [0.7, 0.7], exactly int(density n) kept), weighted '
+     'disjoint mean (sum_i w_i tau_i / '
      'sum_i w_i over agreeing entries, w = [1.0, 2.0]), scaling 0.8'),
     (_config('dare_linear', [1, 1, 1], [0.5, 0.5, 0.75]),
      'DARE drop per model (densities [0.5, 0.5, 0.75], rescaled by 1 / density), sum, scaling 1'),
@@ -203,3 +207,27 @@ def test_continual_ties_needs_one_density():
   with pytest.raises(ValueError, match=r'continual_ties uses one density for all models: '
                                        r'models\[1\]\.parameters\.density = 0.7'):
     recipes.make_recipe(_config('continual_ties', [1, 1], [0.5, 0.7]))
+
+
+def test_ties_selection_defaults_and_errors():
+  assert recipes.make_recipe(_config('ties', [1, 1], [0.5, 0.5])).selection == 'exact'
+  assert recipes.make_recipe(_config('ties', [1, 1], [0.5, 0.5], trim='global')).selection == \
+      'threshold'
+  assert recipes.make_recipe(_config('ties', [1, 1], [0.5, 0.5],
+                                     selection='threshold')).selection == 'threshold'
+  with pytest.raises(ValueError, match=r'parameters\.selection: exact .* needs trim: per_tensor'):
+    _config('ties', [1, 1], [0.5, 0.5], trim='global', selection='exact')
+  with pytest.raises(ValueError, match=r'parameters\.selection: must be one of exact, threshold'):
+    _config('ties', [1, 1], [0.5, 0.5], selection='top')
+
+
+def test_dare_l1_rescale_is_read_and_refused_elsewhere():
+  config = _config('dare_linear', [1, 1], [0.5, 0.25], rescale='l1')
+  assert config.rescale == 'l1'
+  assert 'rescaled to the L1 norm of tau_i per tensor' in recipes.make_recipe(config).description
+  assert recipes.make_recipe(config).l1_sums is not None
+  with pytest.raises(ValueError, match=r'parameters\.rescale: l1 applies to dare_ties and '
+                                       r'dare_linear only; got merge_method ties'):
+    _config('ties', [1, 1], [0.5, 0.5], rescale='l1')
+  with pytest.raises(ValueError, match=r'parameters\.rescale: must be true or false'):
+    _config('dare_linear', [1, 1], [0.5, 0.5], rescale='l2')

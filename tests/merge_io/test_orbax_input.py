@@ -31,7 +31,7 @@ from cljax.merge_io import mergekit_config
 from cljax.merge_io import safetensors_reader
 from cljax.methods import base as methods_base
 from cljax.methods import regularizers
-from .reference import np_trim, np_weighted_disjoint_mean, read_folder
+from .reference import np_magnitude, np_trim, np_weighted_disjoint_mean, read_folder
 
 SMALL_BLOCKS = 13   # several row blocks per (20, 6) / (6, 5) tensor
 
@@ -201,7 +201,7 @@ def test_normalized_weighted_ties_of_orbax_models(orbax_models, trim, block_entr
     if trim == 'global':
       xs = [wi * t[j].reshape(b.shape) for wi, t in zip(w, trimmed)]
     else:
-      xs = [wi * np_trim(m[name] - b, di) for wi, di, m in zip(w, d, tuned)]
+      xs = [wi * np_magnitude(m[name] - b, di) for wi, di, m in zip(w, d, tuned)]
     expected = b + 0.9 * np_weighted_disjoint_mean(xs, w)
     np.testing.assert_allclose(out[name], expected, rtol=1e-5, atol=1e-6, err_msg=name)
 

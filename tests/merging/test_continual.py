@@ -83,9 +83,9 @@ def _np_opcm(base, models, alpha, merged_paths):
 class OPCMTest(parameterized.TestCase):
 
   @parameterized.parameters(0.5, 1.0)
-  def test_against_numpy_svd(self, alpha):
+  def test_count_rule_over_every_2d_leaf_against_numpy_svd(self, alpha):
     base, models = _models(4, seed=1)
-    merge = merging.opcm(alpha=alpha, exclude='head/.*')
+    merge = merging.opcm(alpha=alpha, rank_rule='count', project='.*', exclude='head/.*')
     expected = _np_opcm(base, models, alpha, {'a/kernel', 'a/bias', 'b/kernel'})
     state = merge.init(base)
     for model, want in zip(models, expected):
@@ -123,7 +123,7 @@ class OPCMTest(parameterized.TestCase):
     s[:4, :4] = np.diag([4.0, 3.0, 2.0, 1.0])
     merged = u @ s @ v.T
     tau = rng.normal(size=(m, n))
-    project = functools.partial(merging.opcm_projection, alpha=0.6)
+    project = functools.partial(merging.opcm_projection, alpha=0.6, rank_rule='count')
     out = np.asarray(self.variant(project)(jnp.asarray(tau, jnp.float32),
                                            jnp.asarray(merged, jnp.float32)), np.float64)
     before, after = u.T @ tau @ v, u.T @ out @ v
@@ -132,6 +132,30 @@ class OPCMTest(parameterized.TestCase):
     np.testing.assert_allclose(after[removed], 0.0, atol=1e-5)
     np.testing.assert_allclose(after[~removed], before[~removed], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(out, _np_project(tau, merged, 0.6), rtol=1e-4, atol=1e-5)
+
+  def test_index_rule_zeroes_one_row_and_column_less(self):
+    # Shares 0.4, 0.7, 0.9, 1.0: alpha 0.6 first exceeded at index 1, a 1 x 1 block (count: 2).
+    rng = np.random.default_rng(4)
+    u, _ = np.linalg.qr(rng.normal(size=(5, 5)))
+    v, _ = np.linalg.qr(rng.normal(size=(4, 4)))
+    merged = u[:, :4] @ np.diag([4.0, 3.0, 2.0, 1.0]) @ v.T
+    tau = rng.normal(size=(5, 4))
+    out = np.asarray(merging.opcm_projection(jnp.asarray(tau, jnp.float32),
+                                             jnp.asarray(merged, jnp.float32), alpha=0.6),
+                     np.float64)
+    before, after = u.T @ tau @ v, u.T @ out @ v
+    removed = np.eye(5, 4, dtype=bool)   # the diagonal and the 1 x 1 block (on it)
+    np.testing.assert_allclose(after[removed], 0.0, atol=1e-5)
+    np.testing.assert_allclose(after[~removed], before[~removed], rtol=1e-4, atol=1e-5)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_split_index_by_hand(self):
+    s = jnp.array([4.0, 3.0, 2.0, 1.0])   # shares 0.4, 0.7, 0.9, 1.0
+    split = self.variant(merging.split_index)
+    for alpha, r in ((0.1, 0), (0.39, 0), (0.4, 1), (0.6, 1), (0.7, 2), (0.75, 2), (0.95, 3),
+                     (1.0, 0)):   # alpha = 1: no share exceeds it, torch's argmax is 0
+      self.assertEqual(int(split(s, alpha)), r, msg=f'alpha={alpha}')
+    self.assertEqual(int(split(jnp.zeros(3), 0.5)), 0)
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_mass_rank_by_hand(self):
