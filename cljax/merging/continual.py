@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import optax
 
 from cljax import subspace
+from cljax import tree as tree_lib
 from cljax.merging import static
 from cljax.merging import task_vectors as tvlib
 from cljax.merging import validation
@@ -435,11 +436,11 @@ def opcm_projection(task_vector: jax.Array, merged_task_vector: jax.Array, *,
   return jnp.where(s[0] > 0, projected, tau)
 
 
-def _project_flags(base: Params, flags: tuple, patterns: list) -> tuple:
+def _project_flags(base: Params, flags: tuple, project: Exclude) -> tuple:
   """Per merged leaf (flattening order): projected (2-D and a ``project`` pattern matches)."""
-  names = tvlib.leaf_names(base)
-  return tuple(x.ndim == 2 and any(p.fullmatch(n) for p in patterns)
-               for x, n, m in zip(jax.tree.leaves(base), names, flags) if m)
+  matched = jax.tree.leaves(tree_lib.select(base, project, name='opcm.project',
+                                            require_match=False))
+  return tuple(x.ndim == 2 and p for x, p, m in zip(jax.tree.leaves(base), matched, flags) if m)
 
 
 def opcm(*, alpha: float = 0.5, rank_rule: str = 'index',
@@ -490,10 +491,7 @@ def opcm(*, alpha: float = 0.5, rank_rule: str = 'index',
   """
   alpha = validation.check_interval(alpha, name='alpha', low=0.0, high=1.0, low_open=True)
   validation.check_choice(rank_rule, name='rank_rule', choices=RANK_RULES)
-  try:
-    patterns = tvlib._patterns(project)
-  except ValueError as e:
-    raise ValueError(str(e).replace('exclude', 'project')) from None
+  tree_lib.compile_patterns(project, name='opcm.project')  # An invalid regex fails here.
 
   def init(base: Params) -> OPCMState:
     base = _own_base(base, exclude)
@@ -503,7 +501,7 @@ def opcm(*, alpha: float = 0.5, rank_rule: str = 'index',
   def update(state: OPCMState, finetuned: Params) -> OPCMState:
     flags = _check_update(state.base, finetuned, exclude)
     return _opcm_update_impl(state, finetuned, alpha=alpha, rank_rule=rank_rule, flags=flags,
-                             projected=_project_flags(state.base, flags, patterns))
+                             projected=_project_flags(state.base, flags, project))
 
   return ContinualMerge(init, update, _opcm_params)
 
