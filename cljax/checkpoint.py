@@ -9,7 +9,7 @@ that a resume could pick up.
 `PyTreeArrays` reads the arrays of any Orbax PyTree checkpoint one at a time (for `cljax-merge`):
 a folder written by ``PyTreeCheckpointer`` / ``StandardCheckpointer``, or one step of a
 `StageCheckpointer` (its ``state`` item). Arrays are named by their '/'-joined pytree paths, as
-`cljax.tree_lib.path_str` writes them.
+`cljax.tree.path_str` writes them.
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ class PyTreeArrays:
   Attributes:
     directory: the PyTree item folder (see `pytree_directory`).
     arrays: name -> `ArrayInfo`, in pytree flattening order; names are '/'-joined pytree paths
-      (`cljax.tree_lib.path_str`), e.g. ``'params/Dense_0/kernel'``.
+      (`cljax.tree.path_str`), e.g. ``'params/Dense_0/kernel'``.
     skipped: names of leaves that are not arrays (strings), which `read` does not return.
   """
 

@@ -1,4 +1,4 @@
-"""Jitted training and evaluation over a device mesh, and the per-task continual loop.
+"""Jitted training of one task (`fit_task`) and evaluation over a device mesh.
 
 One epoch is one jitted call: the host shuffles the task's data, lays it out as (steps, batch, ...)
 and places it on the mesh with the batch axis sharded over ``data``
@@ -78,11 +78,13 @@ def _step_grads(apply_fn: ApplyFn, method: base.Method):
   task gradients alone.
   """
   def grads_fn(params, method_state, batch, key):
-    dropout_key, hook_key, method_dropout_key = (jax.random.fold_in(key, i) for i in range(3))
+    # Distinct keys: the loop's dropout, the hooks, the intercept's and the loss's own forwards.
+    dropout_key, hook_key, intercept_dropout_key, loss_dropout_key = (
+        jax.random.fold_in(key, i) for i in (0, 1, 2, 4))
     forward = apply_fn
     if method.intercept is not None:
       params, forward = method.intercept(params, method_state, batch,
-                                         apply_fn=_with_dropout(apply_fn, method_dropout_key),
+                                         apply_fn=_with_dropout(apply_fn, intercept_dropout_key),
                                          key=hook_key)
 
     def task_loss(p):
@@ -91,7 +93,7 @@ def _step_grads(apply_fn: ApplyFn, method: base.Method):
 
     def method_term(p, logits):
       return method.loss(p, method_state, batch, logits=logits,
-                         apply_fn=_with_dropout(forward, method_dropout_key), key=hook_key)
+                         apply_fn=_with_dropout(forward, loss_dropout_key), key=hook_key)
 
     if method.update is None:
       def total(p):
@@ -222,6 +224,8 @@ def fit_task(
       infinite; names the task, epoch and step.
   """
   sharding.check_batch_size(batch_size, mesh)
+  if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+    raise ValueError(f'epochs must be an int >= 1, got {epochs!r}')
   if key is None:
     key = jax.random.key(seed)
   n = data.size

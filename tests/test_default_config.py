@@ -26,7 +26,7 @@ from ml_collections import config_flags
 import numpy as np
 import pytest
 
-from cljax import experiment
+from cljax.runners import continual as experiment
 from cljax import methods
 from conftest import ROOT
 from experiments.configs import default
@@ -122,8 +122,8 @@ def test_configs_built_on_default_keep_every_block_and_load_locked(config_name, 
   assert config.name == config_name and config[name][key] == want
   for method in methods.REGISTRY:
     assert set(config[method].keys()) == _keyword_arguments(method), f'{config_name}: {method}'
-  for method in config.methods:  # The values its runs use build each method.
-    methods.get(method, config[method], input_shape=(28, 28, 1))
+  for method in config.methods:  # The values its runs use build each method (and chain).
+    experiment.method_from_config(config, method, input_shape=(28, 28, 1))
 
 
 def test_python_only_keys_default_to_none():

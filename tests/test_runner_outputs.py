@@ -68,3 +68,24 @@ def test_outputs_metrics_and_task_lines(tiny_config, tmp_path, caplog):
     assert line in caplog.text
   assert (workdir / 'accuracy_curves.png').stat().st_size > 0
   assert set(results) == {'finetune', 'replay+ewc'}
+
+
+def test_method_init_errors_come_before_any_method_runs(tiny_config, tmp_path):
+  """l2.param_regex matching no parameter is found by init: before finetune trains and writes."""
+  tiny_config.methods = ('finetune', 'l2')
+  tiny_config.l2.param_regex = 'nope/.*'
+  workdir = tmp_path / 'run'
+  with pytest.raises(ValueError, match=r"l2.param_regex='nope/\.\*' matches no parameter"):
+    runner.run(tiny_config, str(workdir))
+  assert not workdir.exists()
+
+
+def test_merge_runner_checks_epochs_before_the_workdir(tmp_path):
+  from experiments.configs import merge_digits
+  from cljax.runners import merge
+  config = merge_digits.get_config()
+  config.finetune.epochs = 0
+  workdir = tmp_path / 'run'
+  with pytest.raises(ValueError, match=r'finetune.epochs must be an int >= 1, got 0'):
+    merge.run(config, str(workdir))
+  assert not workdir.exists()

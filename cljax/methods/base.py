@@ -20,8 +20,8 @@ method. Four fields are required, three are optional hooks (None: not used):
     (Fisher, anchors, bases, buffers) on the task's own training data (host arrays). Runs
     eagerly on the host; it may call jitted helpers.
   * ``update(state, params, updates, task_grads, *, key) -> state`` (optional): a per-step state
-    update inside the jitted loop, e.g. SI's path integral. ``params`` are where the step
-    started, ``updates`` the step's change (reading the new parameters as well would make XLA
+    update inside the jitted loop, e.g. SI's path integral. ``params`` are where the step's
+    gradient was taken (after ``intercept``), ``updates`` the optimizer's change from there (reading the new parameters as well would make XLA
     copy every parameter each step), ``task_grads`` the gradients of the cross-entropy alone.
     Without it the step differentiates one combined loss (one backward pass).
   * ``prepare_task(params, state, data, *, seen, apply_fn, key) -> Batch`` (optional): runs
@@ -109,10 +109,13 @@ def chain(*methods: Method) -> Method:
   * ``prepare_task``: the members' hooks in order, each on the data the previous returned
     (``chain(joint(), lwf())`` records the teacher's outputs on all seen data);
   * ``intercept``: the members' hooks in order, each on the previous one's parameters and
-    forward pass (``chain(gpm(), refresh(...))`` unlearns through GPM's projected backward pass);
+    forward pass (in ``chain(gpm(), refresh(...))`` refresh's ascent gradient comes through GPM's
+    projected backward pass, but its displacement is not passed through any gradient transform:
+    frozen or protected directions can move by it);
   * ``update`` (present when any member has one) and ``end_task``: each member on its own state.
 
-  Member i receives ``fold_in(key, i)`` as its key, so members draw independent numbers.
+  Member i receives ``fold_in(key, i)`` as its key, so members draw independent numbers (a
+  chain of one method is that method, with the key unfolded).
 
   Raises:
     ValueError: no methods, or an argument that is not a `Method`.

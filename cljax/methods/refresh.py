@@ -110,7 +110,7 @@ def refresh(
 
   Args:
     unlearn_rate: gamma >= 0, the unlearn step's size; with ``normalize`` a fraction of each
-      parameter tensor's norm. 0 gives ``inner`` itself. The default is the reference code's
+      parameter tensor's norm. 0 turns refresh off (no intercept). The default is the reference code's
       ``delta`` (1e-5). Each step keeps its displacement, so the rate must stay well below the
       descent step: around EWC on permuted Fashion-MNIST (SGD lr 0.05, momentum 0.9), measured
       ACC / BWT: 1e-5: 61.5 / -22.5, 1e-4: 69.1 / -13.3, 1e-3: 62.5 / -19.0, and 1e-2 collapses

@@ -195,6 +195,9 @@ def replay(
   def end_task(params, state, task_data, *, apply_fn, key):
     del params, apply_fn
     x, y = np.asarray(task_data.x), np.asarray(task_data.y)
+    if y.ndim != 1:
+      raise ValueError(f'replay stores one label per example; the task\'s labels are {y.shape} '
+                       '(per-token labels are not supported yet)')
     mask = (np.ones((len(y), state.mask.shape[1]), bool) if task_data.mask is None
             else np.asarray(task_data.mask))
     if x.shape[1:] != shape:

@@ -217,6 +217,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
     raise ValueError(f'model {config.model!r} cannot be built with model_kwargs='
                      f'{dict(config.model_kwargs)}: {e}') from None
   sharding.param_shardings(abstract_params, mesh, _rules(config))  # Bad rules fail here.
+  for name in config.methods:  # Errors raised by init (a regex matching no layer, ...) too.
+    jax.eval_shape(method_from_config(config, name, input_shape=stream.input_shape).init,
+                   abstract_params)
   with workdir_lib.claim(workdir, config_dict(config),
                          primary=jax.process_index() == 0) as claim:
     results = {}

@@ -63,6 +63,7 @@ import optax
 import tqdm
 
 from cljax import checkpoint
+from cljax import checks
 from cljax import continual
 from cljax import core
 from cljax import fisher as fisher_lib
@@ -651,6 +652,17 @@ def _seen_reference(orders: Sequence[Sequence[int]], per_task: Sequence[float]) 
   return np.mean([[acc[o[:j]].mean() for j in range(1, len(o) + 1)] for o in orders], 0).tolist()
 
 
+def _check_sizes(config: ml_collections.ConfigDict, data: MergeData) -> None:
+  """Epochs and batch size against the data, before the workdir is claimed."""
+  for phase in ('pretrain', 'probe', 'finetune'):
+    checks.integer(f'{phase}.epochs', config[phase].epochs, minimum=1)
+  smallest = min([data.pretrain.size] + [t.train.size for t in data.tasks])
+  if config.batch_size > smallest:
+    raise ValueError(f'batch_size={config.batch_size} exceeds the {smallest} training examples of '
+                     'the smallest training set (the pretraining data or a task); lower it or '
+                     'raise num_pretrain / max_train')
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the merge experiment of ``config``; writes and returns its results.
 
@@ -683,6 +695,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     num_pretrain=config.num_pretrain, max_train=config.max_train or None,
                     max_test=config.max_test or None, num_heldout=config.num_heldout,
                     seed=config.seed)
+  _check_sizes(config, data)
   with workdir_lib.claim(workdir, continual_runner.config_dict(config),
                          primary=jax.process_index() == 0) as claim:
     # Recorded at once: the models/ checkpoints hold no config of their own to check a resume by.

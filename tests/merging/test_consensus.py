@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cljax.merging import consensus as cons
-from tests.merging import reference
+from tests.merge_io import reference
 
 # Three task vectors of length 5, base 0.
 TAU = np.array([[2.0, 0.1, -1.0, 0.0, 3.0],
