@@ -543,11 +543,11 @@ def test_nan_in_a_model_is_named(tmp_path):
                                        ('task_arithmetic', {}), ('opcm', {})])
 def test_nan_in_the_base_names_the_base_not_a_finetuned_model(tmp_path, method, kw):
   base, models = random_models(n=2)
-  base['model.layers.0.w'][1, 4] = np.nan
+  base['model.layers.0.weight'][1, 4] = np.nan
   paths = [write_folder(str(tmp_path / f'm{i}'), t) for i, t in enumerate([base] + models)]
   densities = [0.5, 0.5] if method == 'ties' else None
   with pytest.raises(ValueError) as info:
     run(config_of(method, paths, densities=densities, **kw), tmp_path / 'out')
   assert str(info.value).startswith(f'the base model {paths[0]} has non-finite values in tensor '
-                                    "'model.layers.0.w' (1 NaN, 0 Inf)"), str(info.value)
+                                    "'model.layers.0.weight' (1 NaN, 0 Inf)"), str(info.value)
   assert not (tmp_path / 'out').exists()
