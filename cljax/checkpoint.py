@@ -102,6 +102,22 @@ class StageCheckpointer:
       raise ValueError(self._damaged(step)) from e
     return Stage(step, restored['state'], dict(meta))
 
+  def restore_meta(self, step: int) -> dict:
+    """The metadata of stage ``step`` alone (e.g. its stored config, to check before restoring
+    arrays whose layout that config decides).
+
+    Raises:
+      ValueError: the metadata is damaged ("stage N of method M is damaged: ...").
+    """
+    try:
+      meta = self._manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))['meta']
+      if not isinstance(meta, Mapping):
+        raise ValueError(f'meta is a {type(meta).__name__}, not a JSON object')
+    except Exception as e:   # Orbax raises many types for damaged files
+      raise ValueError(self._damaged(step)) from e
+    return dict(meta)
+
   def step_directory(self, step: int) -> str:
     """The folder of stage ``step``."""
     return os.path.join(os.fspath(self._manager.directory), str(step))

@@ -115,7 +115,9 @@ def make_epoch_fn(apply_fn: ApplyFn, method: base.Method, optimizer: optax.Gradi
 
   The update is ``optax.chain(method.gradient_transform(method_state), optimizer)``, built inside
   the traced function from the traced method state: the same compiled program serves every task
-  (no retrace when bases or anchors change, only when shapes do). ``batches`` is a `Batch` of
+  (no retrace when bases or anchors change, only when shapes do). It is built from the state at
+  the epoch's start, so what a transform reads must not be changed by ``method.update`` within
+  a task (CoSO's update changes its sketches; its transform reads only the bases). ``batches`` is a `Batch` of
   arrays shaped (S, B, ...), sharded along B; ``steps`` (S,) int32 the steps' indices within the
   task; ``key`` the task's PRNG key, from which step s draws ``fold_in(key, s)``; ``losses`` (S,).
   """

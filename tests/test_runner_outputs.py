@@ -89,3 +89,13 @@ def test_merge_runner_checks_epochs_before_the_workdir(tmp_path):
   with pytest.raises(ValueError, match=r'finetune.epochs must be an int >= 1, got 0'):
     merge.run(config, str(workdir))
   assert not workdir.exists()
+
+
+def test_resume_with_another_model_names_the_keys_not_a_layout_mismatch(tiny_config, tmp_path):
+  tiny_config.methods = ('finetune',)
+  workdir = tmp_path / 'run'
+  runner.run(tiny_config, str(workdir))
+  os.remove(workdir / 'config.json')
+  tiny_config.model_kwargs.hidden = (50, 50)
+  with pytest.raises(ValueError, match=r'keys differing: model_kwargs.hidden'):
+    runner.run(tiny_config, str(workdir))

@@ -103,10 +103,12 @@ class _Run:
         (report.MetricWriter(self.workdir) if primary else contextlib.nullcontext()) as writer:
       start = ckpt.latest_step() or 0
       if start:
-        stage = ckpt.restore(start, state._asdict())
-        workdir_lib.check_resume(stage.meta.get('config'), config_dict(config),
+        # The stored config first: it decides the arrays' layout (a changed model would
+        # otherwise be reported as a mismatching checkpoint, not as the keys that differ).
+        workdir_lib.check_resume(ckpt.restore_meta(start).get('config'), config_dict(config),
                                  workdir=os.path.dirname(self.workdir), method=self.name,
                                  stage=start)
+        stage = ckpt.restore(start, state._asdict())
         self.claim.record_config()
         state, meta = continual.StreamState(**stage.state), stage.meta
         logging.info('%s: resuming after task %d of %d', self.name, start, num_tasks)
