@@ -21,7 +21,9 @@ def _tiny_config():
   """merge_digits cut to 4 tasks, 2 orders and a few epochs of a 32-32 MLP (seconds on a CPU)."""
   from experiments.configs import merge_digits
   c = merge_digits.get_config()
-  c.task_streams = (('split', 2), ('rotated', 1), ('permuted', 1))
+  # Two permuted tasks: every pixel is nonzero in some task's held-out inputs, so RegMean's
+  # summed Gram is invertible (sklearn digits has pixels that are 0 in every image).
+  c.task_streams = (('split', 2), ('permuted', 2))
   c.stream_kwargs = {}
   c.model_kwargs.hidden = (32, 32)
   c.num_pretrain = 500
@@ -34,6 +36,10 @@ def _tiny_config():
   c.num_orders = 2
   c.fisher.num_samples = 32
   c.frank_wolfe.num_steps = 3
+  c.wudi.num_steps = 20
+  c.adamerging.num_steps = 20
+  c.soft_frank_wolfe.num_iterations = 2
+  c.soft_frank_wolfe.ada_steps = 10
   return c
 
 
@@ -75,6 +81,7 @@ def test_outputs(finished):
   assert len(lines) == 1 + 2 + len(config.static_methods) + len(METHODS)
   summary = open(os.path.join(workdir, 'summary.md')).read()
   assert '| opcm | continual |' in summary and '| fisher | static |' in summary
+  assert '| emr | per_task |' in summary and '| regmean | static |' in summary
   for plot in ('continual_accuracy.png', 'static_accuracy.png'):
     assert os.path.getsize(os.path.join(workdir, plot)) > 5000
 
@@ -123,6 +130,37 @@ def test_merges_match_numpy_references(finished):
       merged['head'] = experts[t]['head']
       got = results['static'][method]['per_task'][t]
       assert abs(_mlp_accuracy(merged, task.test) - got) <= one_example, (method, t)
+  # EMR: task t's own model from the elected vector, its mask and rescaler (numpy, float64).
+  layers = [(layer, k) for layer in ('dense0', 'dense1') for k in ('kernel', 'bias')]
+  tvs = [{lk: e[lk[0]][lk[1]].astype(np.float64) - base[lk[0]][lk[1]] for lk in layers}
+         for e in experts]
+  sign = {lk: np.where(sum(tv[lk] for tv in tvs) > 0, 1.0, -1.0) for lk in layers}
+  masks = [{lk: tv[lk] * sign[lk] > 0 for lk in layers} for tv in tvs]
+  unified = {lk: sign[lk] * np.max([np.abs(np.where(m[lk], tv[lk], 0)) for m, tv in
+                                    zip(masks, tvs)], 0) for lk in layers}
+  # RegMean: Grams of each expert's layer inputs on its task's held-out examples.
+  alpha = config.regmean.alpha
+  grams = []
+  for e, held in zip(experts, data.heldout):
+    x0 = held.x.reshape(held.x.shape[0], -1).astype(np.float64)
+    x1 = np.maximum(x0 @ e['dense0']['kernel'] + e['dense0']['bias'], 0.0)
+    grams.append([x.T @ x / x.shape[0] for x in (x0, x1)])
+  reduced = [[alpha * g + (1 - alpha) * np.diag(np.diag(g)) for g in gs] for gs in grams]
+  regmean = {}
+  for i, layer in enumerate(('dense0', 'dense1')):
+    rhs = sum(r[i] @ e[layer]['kernel'] for r, e in zip(reduced, experts))
+    regmean[layer] = {'kernel': np.linalg.solve(sum(r[i] for r in reduced), rhs),
+                      'bias': np.mean([e[layer]['bias'] for e in experts], 0)}
+  for t, task in enumerate(data.tasks):
+    lam = (sum(np.mean(np.abs(tvs[t][lk])) for lk in layers) /
+           sum(np.mean(np.abs(np.where(masks[t][lk], unified[lk], 0))) for lk in layers))
+    emr_model = {layer: {k: base[layer][k] + lam * np.where(masks[t][(layer, k)],
+                                                            unified[(layer, k)], 0)
+                         for k in ('kernel', 'bias')} for layer in ('dense0', 'dense1')}
+    for method, model in (('emr', emr_model), ('regmean', regmean)):
+      model = dict(model, head=experts[t]['head'])
+      got = results['static'][method]['per_task'][t]
+      assert abs(_mlp_accuracy(model, task.test) - got) <= one_example, (method, t)
   # Normalized accuracy is merged / expert per task, averaged.
   expert_acc = np.asarray(results['experts']['per_task'])
   for res in results['static'].values():
@@ -194,6 +232,10 @@ def test_stopped_run_resumes_after_its_last_merge(finished, tmp_path, monkeypatc
 
 @pytest.mark.parametrize('key, value, match', [
     ('static_methods', ('average', 'soup'), "unknown static merge 'soup'"),
+    ('static_methods', ('average', 'opcm'), "unknown static merge 'opcm'"),
+    ('breadcrumbs.gamma', 1.5, r'gamma must lie in \[0, 1\]'),
+    ('regmean.alpha', -0.5, r'alpha must lie in \[0, 1\]'),
+    ('adamerging.granularity', 'neuron', 'granularity'),
     ('continual_methods', ('opcm', 'continual_magic'), "unknown continual merge 'continual_magic'"),
     ('ties.density', 1.5, r'density must lie in \[0, 1\]'),
     ('dare_ties.drop_rate', -0.1, 'drop_rate'),

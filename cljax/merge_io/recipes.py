@@ -36,7 +36,18 @@ c_i = w_i / sum_j w_j under ``normalize`` (else w_i):
   continual_*, opcm   the `cljax.merging.continual` merge's init / update (one model at a time)
                       / params on each block; OPCM's final rescaling uses the norms of the
                       whole model (computed in a first pass), continual_ties trims per tensor.
+  other data-free     the registered merge on each tensor, ``fn({name: base}, [{name: model_i}],
+  static merges       **hyperparameters)``: row blocks when the registry marks it
+                      ``blockwise``, else the whole tensor (slerp, nuslerp, multislerp,
+                      model_stock, breadcrumbs, della, tsv, iso_c, iso_cts, consensus, wudi:
+                      norms, ranks, SVDs or optimisations per tensor). Merges taking
+                      ``kernel_layout`` get it per tensor (`kernel_layout`): 'in_out' for Flax
+                      kernels ('.../kernel', Orbax inputs), 'out_in' for every other tensor
+                      (Hugging Face / PyTorch weights, (out, in)).
   ==================  =======================================================================
+
+Merges that need data (fisher, frank_wolfe, regmean, adamerging, soft_frank_wolfe) and per-task
+merges (emr: one model per task, not one checkpoint) are refused.
 
 Weighted disjoint mean (mergekit's ``normalize`` for TIES and DARE-TIES): with x_i = w_i tau_i
 (trimmed or dropped), gamma = sign(sum_i x_i) and A = {i : sign(x_i) = gamma, x_i != 0} per
@@ -73,6 +84,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
@@ -123,8 +135,9 @@ class Recipe(NamedTuple):
     selection: TIES's kept count: 'exact' (mergekit: int(density * n), ties at the threshold
       kept in row-major order) or 'threshold' (the paper: round(density * n), all ties kept).
     uses_key: the merge needs ``Block.key`` (DARE).
-    blockwise: the merge is elementwise, so a tensor may be merged in row blocks; False for
-      continual_ties and OPCM, whose per-tensor steps (trim, SVD) need the whole tensor.
+    blockwise: a tensor may be merged in row blocks (the registry's `MergeMethod.blockwise`:
+      elementwise merges); False for merges with per-tensor steps (continual_ties and OPCM's
+      trim and SVD; norms, ranks and SVDs of the baselines), which get whole tensors.
     global_rescale: OPCM: the final ``base + A / lambda`` uses whole-model norms (two passes).
     l1_sums: DARE with ``rescale: l1``: ``l1_sums(Block) -> (n, 2)`` float64, per model the
       block's sum |tau_i| and sum |drop(tau_i)| (the driver's first pass), else None.
@@ -170,11 +183,26 @@ def _out(tree: Any, name: str) -> np.ndarray:
   return np.asarray(tree[name])
 
 
-def _library(fn: Callable, *, with_key: bool = False, **hp) -> Callable[[Block], np.ndarray]:
-  """A block merge that is exactly ``fn(base, finetuned, [key=block key,] **hp)``."""
+# Flax kernels, as Orbax inputs name them: (in, out) (or (..., in, out) for convs).
+FLAX_KERNEL = r'(.*/)?kernel'
+
+
+def kernel_layout(name: str) -> str:
+  """The ``kernel_layout`` of tensor ``name`` for merges that take one: 'in_out' for a Flax
+  kernel (`FLAX_KERNEL`), else 'out_in' (Hugging Face / PyTorch weights: Linear (out, in),
+  conv (out, in, ...))."""
+  return 'in_out' if re.fullmatch(FLAX_KERNEL, name) else 'out_in'
+
+
+def _library(fn: Callable, *, with_key: bool = False, with_layout: bool = False,
+             **hp) -> Callable[[Block], np.ndarray]:
+  """A block merge that is exactly ``fn(base, finetuned, [key=block key,]
+  [kernel_layout=kernel_layout(name),] **hp)``."""
   def merge(b: Block) -> np.ndarray:
     base, models = _trees(_on_device(b))
     extra = {'key': b.key} if with_key else {}
+    if with_layout:
+      extra['kernel_layout'] = kernel_layout(b.name)
     return _out(fn(base, models, **hp, **extra), b.name)
   return merge
 
@@ -457,9 +485,8 @@ MERGEKIT_NAMES = {'linear': 'average', 'dare_linear': 'dare_task_arithmetic'}
 # data-free merge runs as ``entry.fn(**hyperparameters from the config)``.
 _WEIGHTED = {'average': _linear, 'task_arithmetic': _task_arithmetic, 'ties': _ties,
              'dare_task_arithmetic': _dare, 'dare_ties': _dare}
-# Continual merges whose update needs the whole tensor (per-tensor trim; SVD), and OPCM, whose
-# final rescaling uses whole-model norms (`checkpoint_merge` runs a first pass for them).
-_WHOLE_TENSOR = ('continual_ties', 'opcm')
+# OPCM's final rescaling uses whole-model norms (`checkpoint_merge` runs a first pass for it).
+# Which merges need whole tensors is the registry's `MergeMethod.blockwise`.
 _GLOBAL_RESCALE = ('opcm',)
 # OPCM's projected tensors, as the authors project nn.Linear weights only: Flax Dense kernels
 # ('.../kernel', Orbax inputs) and Hugging Face '*.weight' tensors but embeddings (2-D tensors
@@ -502,7 +529,8 @@ def make_recipe(config: mergekit_config.MergeConfig) -> Recipe:
 
   Raises:
     ValueError: unequal densities for continual_ties (one density per merge), naming the
-      ``models[i].parameters`` key; an unknown method or one that needs data (not a checkpoint).
+      ``models[i].parameters`` key; an unknown method, one that needs data (not a checkpoint)
+      or a per-task merge (one model per task, not one output).
   """
   name = MERGEKIT_NAMES.get(config.method, config.method)
   try:
@@ -512,14 +540,23 @@ def make_recipe(config: mergekit_config.MergeConfig) -> Recipe:
   if not entry.data_free:
     raise ValueError(f'merge_method {config.method!r} needs data '
                      f'({", ".join(entry.required_inputs)}), which cljax-merge does not have')
+  if entry.kind == 'per_task':
+    raise ValueError(f'merge_method {config.method!r} gives one model per task, not one '
+                     f'checkpoint; cljax-merge writes one merged model')
   if name in _WEIGHTED:
     return _WEIGHTED[name](config)
   hp = _config_hparams(config, entry)
-  if entry.kind == 'static':
-    return Recipe(_call(entry, hp), _library(entry.fn, with_key='key' in entry.inputs, **hp),
-                  uses_key='key' in entry.inputs)
   description = _call(entry, hp)
+  if entry.kind == 'static':
+    with_layout = 'kernel_layout' in entry.hparams
+    if with_layout:
+      description += ', kernel_layout per tensor (in_out for Flax kernels, else out_in)'
+    if not entry.blockwise:
+      description += ', whole tensors'
+    return Recipe(description, _library(entry.fn, with_key='key' in entry.inputs,
+                                        with_layout=with_layout, **hp),
+                  uses_key='key' in entry.inputs, blockwise=entry.blockwise)
   if name in _GLOBAL_RESCALE:
     description += ', rescaled by whole-model norms'
-  return Recipe(description, continual=entry.fn(**hp), blockwise=name not in _WHOLE_TENSOR,
+  return Recipe(description, continual=entry.fn(**hp), blockwise=entry.blockwise,
                 global_rescale=name in _GLOBAL_RESCALE)

@@ -4,16 +4,23 @@ Every merge is registered once in `REGISTRY` as a `MergeMethod`:
 
   * ``kind='static'``: ``fn(base, finetuned, *, <inputs>, <hyperparameters>, exclude) -> Params``;
   * ``kind='continual'``: ``fn(*, <hyperparameters>, exclude) -> ContinualMerge``
-    (``init`` / ``update`` / ``params``, see `cljax.merging.continual`).
+    (``init`` / ``update`` / ``params``, see `cljax.merging.continual`);
+  * ``kind='per_task'``: ``fn(base, finetuned, *, <inputs>, <hyperparameters>, exclude) ->
+    task_model``, ``task_model(t) -> Params`` task t's model (EMR-Merging: one unified task
+    vector with a mask and a rescaler per task, `emr_per_task`).
 
 Its hyperparameters are the keyword-only parameters of ``fn`` (read from the signature, as
 `cljax.methods.get` does), minus ``exclude`` (every merge takes it; it is the caller's choice of
 leaves, not a method setting) and minus the entry's ``inputs``: keyword arguments that are data,
 not settings, which the caller supplies (`INPUTS` describes each). A merge is data-free when it
-needs no input but a PRNG key. The merge experiment (configs name hyperparameters
+needs no input but a PRNG key. ``blockwise`` says whether a tensor may be merged in row
+blocks (`cljax-merge` streams such merges block by block; the others get whole tensors). The
+merge experiment (configs name hyperparameters
 ``<method>.<key>``) and `cljax-merge`'s recipes both look merges up here.
 
-References: see the registered functions (`cljax.merging.static`, `cljax.merging.continual`).
+References: see the registered functions (`cljax.merging.static`, `cljax.merging.continual`,
+`cljax.merging.slerp`, `model_stock`, `sparsify`, `tsv`, `iso`, `consensus`, `wudi`, `emr`,
+`regmean`, `adamerging`, `frank_wolfe_soft`).
 """
 
 from __future__ import annotations
@@ -21,17 +28,33 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
+from cljax.merging import adamerging
+from cljax.merging import consensus
 from cljax.merging import continual
+from cljax.merging import emr
+from cljax.merging import frank_wolfe_soft
+from cljax.merging import iso
+from cljax.merging import model_stock
+from cljax.merging import regmean
+from cljax.merging import slerp
+from cljax.merging import sparsify
 from cljax.merging import static
+from cljax.merging import task_vectors as tvlib
+from cljax.merging import tsv
+from cljax.merging import wudi
 
 Params = Any
-KINDS = ('static', 'continual')
+KINDS = ('static', 'continual', 'per_task')
 # The data inputs a merge may take, by keyword: the caller supplies them, configs never do.
 INPUTS = {
-    'key': 'a jax PRNG key (DARE drop masks; TIES sampled thresholds)',
+    'key': 'a jax PRNG key (DARE drop masks; TIES sampled thresholds; DELLA MagPrune masks)',
     'fishers': 'per finetuned model its diagonal Fisher information, a pytree like base',
     'loss_fn': 'loss_fn(params) -> scalar, the objective Frank-Wolfe minimises',
     'init_params': "Frank-Wolfe's starting point, a pytree like base (default: base)",
+    'grams': "per finetuned model {kernel path: (in, in) Gram of the layer's inputs} (RegMean)",
+    'apply_fn': 'apply_fn(params, x) -> logits (B, K), or one per task (AdaMerging, soft FW)',
+    'test_inputs': 'per task an array (N_t, ...) of unlabelled test inputs (AdaMerging, soft FW)',
+    'loss_fns': "per task loss_fn(params) -> scalar on labelled data (soft Frank-Wolfe's oracle)",
 }
 _COMMON = ('exclude',)
 
@@ -41,13 +64,18 @@ class MergeMethod(NamedTuple):
 
   Attributes:
     fn: the merge (static) or its constructor (continual); hyperparameters keyword-only.
-    kind: 'static' or 'continual'.
+    kind: 'static', 'continual' or 'per_task'.
     inputs: keywords of ``fn`` that are data supplied by the caller (keys of `INPUTS`).
+    blockwise: a tensor may be merged in row blocks, each block on its own, with the result of
+      the whole tensor: True for the elementwise merges (TIES given its trim thresholds, DARE
+      given per-block keys, which `cljax-merge` supplies); False for merges with a per-tensor
+      step (norms, ranks, SVDs, solves, optimisations) and for continual_ties and OPCM.
   """
 
   fn: Callable[..., Any]
   kind: str
   inputs: tuple = ()
+  blockwise: bool = True
 
   @property
   def hparams(self) -> dict:
@@ -67,6 +95,30 @@ class MergeMethod(NamedTuple):
     return all(k == 'key' for k in self.required_inputs)
 
 
+def emr_per_task(base: Params, finetuned: Sequence[Params], *,
+                 exclude: tvlib.Exclude = None) -> Callable[[int], Params]:
+  """EMR-Merging as a per-task merge: the elected unified task vector and each task's modulator.
+
+  Args:
+    base: base params theta_0, a pytree of float arrays.
+    finetuned: T >= 1 params pytrees with base's structure, shapes and dtypes.
+    exclude: regex(es) of leaves that are not merged (base's value is kept).
+
+  Returns:
+    ``task_model(t) -> Params``: ``theta_0 + lambda_t * M_t * tau_uni`` for task t in [0, T),
+    in base's structure and dtypes (`cljax.merging.emr.emr_task_model`).
+
+  Raises:
+    ValueError: as `cljax.merging.emr.emr` (mismatching inputs, a task whose masked unified
+      vector is 0); ``task_model`` raises for a task out of range.
+
+  References:
+    Huang et al., "EMR-Merging: Tuning-Free High-Performance Model Merging", NeurIPS 2024.
+  """
+  result = emr.emr(base, finetuned, exclude=exclude)
+  return lambda t: emr.emr_task_model(base, result, t)
+
+
 REGISTRY: dict[str, MergeMethod] = {
     'average': MergeMethod(static.average, 'static'),
     'task_arithmetic': MergeMethod(static.task_arithmetic, 'static'),
@@ -75,16 +127,35 @@ REGISTRY: dict[str, MergeMethod] = {
     'dare_ties': MergeMethod(static.dare_ties, 'static', inputs=('key',)),
     'fisher': MergeMethod(static.fisher, 'static', inputs=('fishers',)),
     'magmax': MergeMethod(static.magmax, 'static'),
-    'frank_wolfe': MergeMethod(static.frank_wolfe, 'static', inputs=('loss_fn', 'init_params')),
+    'frank_wolfe': MergeMethod(static.frank_wolfe, 'static', inputs=('loss_fn', 'init_params'),
+                               blockwise=False),
+    'slerp': MergeMethod(slerp.slerp, 'static', blockwise=False),
+    'nuslerp': MergeMethod(slerp.nuslerp, 'static', blockwise=False),
+    'multislerp': MergeMethod(slerp.multislerp, 'static', blockwise=False),
+    'model_stock': MergeMethod(model_stock.model_stock, 'static', blockwise=False),
+    'breadcrumbs': MergeMethod(sparsify.breadcrumbs, 'static', blockwise=False),
+    'della': MergeMethod(sparsify.della, 'static', inputs=('key',), blockwise=False),
+    'tsv': MergeMethod(tsv.tsv, 'static', blockwise=False),
+    'iso_c': MergeMethod(iso.iso_c, 'static', blockwise=False),
+    'iso_cts': MergeMethod(iso.iso_cts, 'static', blockwise=False),
+    'consensus': MergeMethod(consensus.consensus, 'static', blockwise=False),
+    'wudi': MergeMethod(wudi.wudi, 'static', blockwise=False),
+    'regmean': MergeMethod(regmean.regmean, 'static', inputs=('grams',), blockwise=False),
+    'adamerging': MergeMethod(adamerging.adamerging, 'static',
+                              inputs=('apply_fn', 'test_inputs'), blockwise=False),
+    'soft_frank_wolfe': MergeMethod(frank_wolfe_soft.soft_frank_wolfe, 'static',
+                                    inputs=('loss_fns', 'apply_fn', 'test_inputs'),
+                                    blockwise=False),
+    'emr': MergeMethod(emr_per_task, 'per_task', blockwise=False),
     'continual_average': MergeMethod(continual.continual_average, 'continual'),
     'continual_task_arithmetic': MergeMethod(continual.continual_task_arithmetic, 'continual'),
-    'continual_ties': MergeMethod(continual.continual_ties, 'continual'),
-    'opcm': MergeMethod(continual.opcm, 'continual'),
+    'continual_ties': MergeMethod(continual.continual_ties, 'continual', blockwise=False),
+    'opcm': MergeMethod(continual.opcm, 'continual', blockwise=False),
 }
 
 
 def names(kind: Optional[str] = None) -> list:
-  """The registered names (of one kind: 'static' or 'continual'), sorted."""
+  """The registered names (of one kind: 'static', 'continual' or 'per_task'), sorted."""
   return sorted(n for n, m in REGISTRY.items() if kind is None or m.kind == kind)
 
 
@@ -93,7 +164,7 @@ def get(name: str, *, kind: Optional[str] = None) -> MergeMethod:
 
   Args:
     name: a key of `REGISTRY`.
-    kind: if given, the kind the caller needs ('static' or 'continual').
+    kind: if given, the kind the caller needs ('static', 'continual' or 'per_task').
 
   Returns:
     Its `MergeMethod`.
@@ -135,6 +206,16 @@ def check_names(name: str, hparams: Optional[Mapping[str, Any]] = None, *,
   return entry
 
 
+def _given_inputs(name: str, entry: MergeMethod, inputs: Optional[Mapping[str, Any]]) -> dict:
+  """The inputs ``entry`` takes from ``inputs`` (None counts as absent); raises for missing ones."""
+  given = {k: v for k, v in (inputs or {}).items() if k in entry.inputs and v is not None}
+  missing = [k for k in entry.required_inputs if k not in given]
+  if missing:
+    raise ValueError(f'merge {name!r} needs input(s) {", ".join(missing)} '
+                     f'({"; ".join(INPUTS[k] for k in missing)})')
+  return given
+
+
 def merge(name: str, base: Params, finetuned: Sequence[Params], *,
           hparams: Optional[Mapping[str, Any]] = None, exclude: Any = None,
           inputs: Optional[Mapping[str, Any]] = None) -> Params:
@@ -157,11 +238,32 @@ def merge(name: str, base: Params, finetuned: Sequence[Params], *,
       (naming it), or what the merge raises.
   """
   entry = check_names(name, hparams, kind='static')
-  given = {k: v for k, v in (inputs or {}).items() if k in entry.inputs and v is not None}
-  missing = [k for k in entry.required_inputs if k not in given]
-  if missing:
-    raise ValueError(f'merge {name!r} needs input(s) {", ".join(missing)} '
-                     f'({"; ".join(INPUTS[k] for k in missing)})')
+  given = _given_inputs(name, entry, inputs)
+  return entry.fn(base, finetuned, exclude=exclude, **given, **dict(hparams or {}))
+
+
+def per_task_merge(name: str, base: Params, finetuned: Sequence[Params], *,
+                   hparams: Optional[Mapping[str, Any]] = None, exclude: Any = None,
+                   inputs: Optional[Mapping[str, Any]] = None) -> Callable[[int], Params]:
+  """Runs the per-task merge ``name`` (one model per task, e.g. EMR-Merging).
+
+  Args:
+    name: a per_task key of `REGISTRY`.
+    base: base params pytree.
+    finetuned: T >= 1 pytrees with base's structure, shapes and dtypes (task t's is the t-th).
+    hparams: the merge's hyperparameters by keyword.
+    exclude: regex(es) of leaves that are not merged.
+    inputs: data by `INPUTS` keyword, as `merge`.
+
+  Returns:
+    ``task_model(t) -> Params``, task t's model (base's structure and dtypes).
+
+  Raises:
+    ValueError: an unknown name or hyperparameter (``<name>.<key>``), a required input missing
+      (naming it), or what the merge raises.
+  """
+  entry = check_names(name, hparams, kind='per_task')
+  given = _given_inputs(name, entry, inputs)
   return entry.fn(base, finetuned, exclude=exclude, **given, **dict(hparams or {}))
 
 

@@ -21,7 +21,12 @@ The protocol of issue 5, on one dataset whose tasks share the input shape:
      expert t's head swapped into the merged model. Fisher merging weighs with
      `cljax.fisher.diagonal_fisher` of each expert on its own training data; Frank-Wolfe merging
      minimizes the mean cross-entropy, over tasks, of the merged backbone with each task's head
-     on that task's held-out labeled examples.
+     on that task's held-out labeled examples. RegMean takes each expert's per-layer input Gram
+     matrices on its task's held-out examples (`cljax.methods.projection.layer_representations`);
+     AdaMerging minimizes the entropy of each task's predictions (its head swapped in, logits
+     restricted to its classes) on the task's unlabelled test inputs (the paper's test-time
+     protocol); soft Frank-Wolfe uses both that and per-task held-out cross-entropies. Per-task
+     merges (EMR) give task t its own model, evaluated with its head.
   6. Continual merges. The experts arrive one at a time in ``num_orders`` random orders; after
      every merge, the accuracy on each task seen so far (with its own head). Every merge ends
      with an Orbax stage checkpoint (the merge state, without its copy of the base, and the
@@ -75,7 +80,9 @@ from cljax import training
 from cljax import workdir as workdir_lib
 from cljax.data import sources
 from cljax.data import streams
+from cljax.merging import regmean as regmean_lib
 from cljax.methods import base
+from cljax.methods import projection
 from cljax.methods import regularizers
 from cljax.runners import continual as continual_runner
 
@@ -88,6 +95,9 @@ CONTINUAL_MERGES = {name: merging.get(name).fn for name in merging.registry.name
 # Config keys of a merge's block that configure how the experiment computes one of the merge's
 # inputs (not hyperparameters of the merge itself), by input.
 INPUT_HPARAMS = {'fishers': ('num_samples', 'estimator', 'batch_size')}
+# Merges run eagerly on concrete arrays only (their Python loop compares traced scores), so the
+# config check validates their names but does not trace them.
+_UNTRACEABLE = ('soft_frank_wolfe',)
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,33 +318,88 @@ def proxy_loss_fn(apply_fn: Callable, heads: Sequence[Params], batches: Sequence
   return loss
 
 
+def task_logits_fn(apply_fn: Callable, head: Params, classes: np.ndarray,
+                   mask: Any) -> Callable[[Params, jax.Array], jax.Array]:
+  """Task t's model function for AdaMerging: ``f(params, x)`` is the logits (B, K) of ``params``
+  with ``head`` swapped in on the excluded leaves, outside the task's ``classes`` (K,) bool set
+  to -1e9 (`core.masked_logits`: their probability is exactly 0, as with a head of the task's
+  classes only)."""
+  head = jax.tree.map(jnp.asarray, head)
+  allowed = jnp.asarray(classes, bool)[None, :]
+
+  def logits(params: Params, x: jax.Array) -> jax.Array:
+    return core.masked_logits(apply_fn(swap_excluded(params, head, mask), x), allowed)
+
+  return logits
+
+
+def gram_inputs(apply_fn: Callable, experts: Sequence[Params], batches: Sequence[core.Batch],
+                mask: Any) -> list:
+  """RegMean's Grams: per expert, ``{kernel path: X^T X / N}`` of each merged 2-D Dense kernel's
+  inputs X (N, in) when the expert runs on its own task's ``batches[t].x``.
+
+  Args:
+    apply_fn: the Linen model function.
+    experts: T params pytrees.
+    batches: T host batches (the held-out examples).
+    mask: `merging.merge_mask` of the params (the excluded heads get no Gram).
+
+  Returns:
+    T dicts ``{path: (in, in) float32}`` (`cljax.merging.regmean.gram_matrices`).
+
+  References:
+    Jin et al., ICLR 2023 (Grams of each model's layer inputs on its own data).
+  """
+  merged = {merging.path_name(path) for (path, leaf), m in zip(
+      jax.tree_util.tree_flatten_with_path(experts[0])[0], jax.tree.leaves(mask))
+      if m and np.ndim(leaf) == 2}
+  out = []
+  for expert, batch in zip(experts, batches):
+    reps = projection.layer_representations(apply_fn, expert, batch.x)
+    out.append(regmean_lib.gram_matrices({k: r.T for k, r in reps.items() if k in merged}))
+  return out
+
+
 def static_merge(name: str, base_params: Params, experts: Sequence[Params], *,
                  hparams: Mapping[str, Any], exclude: Any, key: jax.Array,
                  fishers: Optional[Sequence[Params]] = None,
-                 proxy_loss: Optional[Callable[[Params], jax.Array]] = None) -> Params:
-  """Merges ``experts`` into ``base_params`` with the static merge ``name`` of the registry.
+                 proxy_loss: Optional[Callable[[Params], jax.Array]] = None,
+                 grams: Optional[Sequence[Mapping[str, jax.Array]]] = None,
+                 apply_fns: Optional[Sequence[Callable]] = None,
+                 test_inputs: Optional[Sequence[np.ndarray]] = None,
+                 task_losses: Optional[Sequence[Callable[[Params], jax.Array]]] = None) -> Any:
+  """Merges ``experts`` into ``base_params`` with the static or per-task merge ``name``.
 
   Args:
-    name: a static key of `merging.REGISTRY`.
+    name: a static or per_task key of `merging.REGISTRY`.
     base_params: the base model.
     experts: the fine-tuned models.
     hparams: the config block ``<name>``: the merge's hyperparameters, plus, for a merge taking
       an input of `INPUT_HPARAMS` (fisher's ``fishers``), the keys configuring that input
       (used where the input is computed, ignored here).
     exclude: regex(es) of leaves not merged.
-    key: PRNG key, the ``key`` input (DARE's drop masks, TIES's sampled threshold).
+    key: PRNG key, the ``key`` input (DARE's drop masks, TIES's sampled threshold, DELLA's).
     fishers: per expert its diagonal Fisher, the ``fishers`` input.
     proxy_loss: Frank-Wolfe's objective, the ``loss_fn`` input.
+    grams: per expert its layers' input Grams (`gram_inputs`), RegMean's ``grams``.
+    apply_fns: per task its model function (`task_logits_fn`), the ``apply_fn`` input.
+    test_inputs: per task its unlabelled test inputs, the ``test_inputs`` input.
+    task_losses: per task its proxy loss, soft Frank-Wolfe's ``loss_fns``.
 
   Returns:
-    The merged params (excluded leaves hold the base's values).
+    A static merge's params (excluded leaves hold the base's values), or a per-task merge's
+    ``task_model(t) -> params``.
 
   Raises:
     ValueError: an unknown method or hyperparameter, or what the merge itself raises.
   """
-  hp = check_hparams(name, hparams, kind='static')
-  return merging.merge(name, base_params, experts, hparams=hp, exclude=exclude,
-                       inputs=dict(key=key, fishers=fishers, loss_fn=proxy_loss))
+  kind = 'per_task' if name in merging.registry.names('per_task') else 'static'
+  hp = check_hparams(name, hparams, kind=kind)
+  inputs = dict(key=key, fishers=fishers, loss_fn=proxy_loss, grams=grams,
+                apply_fn=None if apply_fns is None else tuple(apply_fns),
+                test_inputs=test_inputs, loss_fns=task_losses)
+  merge_fn = merging.merge if kind == 'static' else merging.per_task_merge
+  return merge_fn(name, base_params, experts, hparams=hp, exclude=exclude, inputs=inputs)
 
 
 def continual_merge(name: str, hparams: Mapping[str, Any], exclude: Any) -> merging.ContinualMerge:
@@ -419,7 +484,8 @@ def _summary_rows(results: dict) -> list:
     res = results[key]
     row(label, 'reference', res['acc'], res['normalized_acc'], per_task=res['per_task'])
   for name, res in results['static'].items():
-    row(name, 'static', res['acc'], res['normalized_acc'], per_task=res['per_task'])
+    row(name, res.get('kind', 'static'), res['acc'], res['normalized_acc'],
+        per_task=res['per_task'])
   for name, res in results['continual'].items():
     row(name, 'continual', res['final_acc_mean'], res['final_normalized_mean'],
         res['final_acc_std'], res['final_normalized_std'], res['final_per_task_mean'])
@@ -512,9 +578,12 @@ def _optimizer(phase: ml_collections.ConfigDict) -> optax.GradientTransformation
                                  momentum=phase.get('momentum', 0.0))
 
 
-def _validate(config: ml_collections.ConfigDict, abstract: Params) -> None:
+def _validate(config: ml_collections.ConfigDict, abstract: Params, apply_fn: Callable,
+              input_shape: tuple, num_outputs: int) -> None:
   """Checks methods, hyperparameters and the exclusion regex on the parameter shapes only, so
-  that a bad config fails before the tasks are built, a model is trained or a file written."""
+  that a bad config fails before the tasks are built, a model is trained or a file written.
+  Every static and per-task merge is traced with dummy inputs of the right shapes (but those of
+  `_UNTRACEABLE`, whose names alone are checked)."""
   if not config.static_methods and not config.continual_methods:
     raise ValueError('config.static_methods and config.continual_methods are both empty')
   if isinstance(config.num_orders, bool) or not isinstance(config.num_orders, int) or \
@@ -522,17 +591,33 @@ def _validate(config: ml_collections.ConfigDict, abstract: Params) -> None:
     raise ValueError(f'num_orders must be an int >= 1; got {config.num_orders!r}')
   for phase in ('pretrain', 'probe', 'finetune'):
     _optimizer(config[phase])
-  merging.merge_mask(abstract, config.exclude)
+  mask = merging.merge_mask(abstract, config.exclude)
   key = jax.random.key(0)
+  grams = {merging.path_name(path): jax.ShapeDtypeStruct((leaf.shape[0],) * 2, jnp.float32)
+           for (path, leaf), m in zip(jax.tree_util.tree_flatten_with_path(abstract)[0],
+                                      jax.tree.leaves(mask))
+           if m and len(leaf.shape) == 2 and merging.path_name(path).endswith('/kernel')}
+  x = np.zeros((2, *input_shape), np.float32)
+  classes = np.ones(num_outputs, bool)
   for name in config.static_methods:
     hp = dict(config.get(name) or {})
     if name == 'fisher':
       est = hp.get('estimator', 'exact')
       if est not in fisher_lib.ESTIMATORS:
         raise ValueError(f'fisher.estimator must be one of {fisher_lib.ESTIMATORS}; got {est!r}')
-    jax.eval_shape(lambda b, name=name, hp=hp: static_merge(
-        name, b, [b, b], hparams=hp, exclude=config.exclude, key=key, fishers=[b, b],
-        proxy_loss=lambda p: jnp.zeros(())), abstract)
+    if name in _UNTRACEABLE:
+      check_hparams(name, hp, kind='static')
+      continue
+
+    def traced(b, g, name=name, hp=hp):
+      out = static_merge(
+          name, b, [b, b], hparams=hp, exclude=config.exclude, key=key, fishers=[b, b],
+          proxy_loss=lambda p: jnp.zeros(()), grams=[g, g],
+          apply_fns=[task_logits_fn(apply_fn, b, classes, mask)] * 2, test_inputs=[x, x],
+          task_losses=[lambda p: jnp.zeros(())] * 2)
+      return out(0) if callable(out) else out
+
+    jax.eval_shape(traced, abstract, grams)
   for name in config.continual_methods:
     continual_merge(name, dict(config.get(name) or {}), config.exclude)
 
@@ -567,27 +652,49 @@ def _train_models(config, data, module, mesh, workdir, mask) -> tuple:
   return apply_fn, base_params, probes, experts
 
 
-def _static_results(config, data, apply_fn, base_params, experts, mask, evaluate,
-                    expert_acc) -> dict:
-  fishers, proxy = None, None
+def _merge_inputs(config, data, apply_fn, experts, mask) -> dict:
+  """The data inputs of the configured static merges, computed only where a merge takes them:
+  Fishers, Frank-Wolfe's proxy loss, RegMean's Grams (held-out data), AdaMerging's per-task
+  model functions and unlabelled test inputs, soft Frank-Wolfe's per-task losses."""
+  needed = {i for n in config.static_methods for i in merging.get(n).inputs}
+  inputs = {}
   if 'fisher' in config.static_methods:
     hp = config.fisher
-    fishers = [fisher_lib.diagonal_fisher(
+    inputs['fishers'] = [fisher_lib.diagonal_fisher(
         apply_fn, e, _take(task.train, np.arange(min(hp.num_samples, task.train.size))),
         estimator=hp.estimator, batch_size=hp.batch_size,
         key=jax.random.key(config.seed + t)) for t, (e, task) in enumerate(zip(experts, data.tasks))]
-  if 'frank_wolfe' in config.static_methods:
-    proxy = proxy_loss_fn(apply_fn, experts, data.heldout, mask)
+  if 'loss_fn' in needed:
+    inputs['proxy_loss'] = proxy_loss_fn(apply_fn, experts, data.heldout, mask)
+  if 'grams' in needed:
+    inputs['grams'] = gram_inputs(apply_fn, experts, data.heldout, mask)
+  if 'apply_fn' in needed:
+    inputs['apply_fns'] = [task_logits_fn(apply_fn, e, np.any(task.test.mask, axis=0), mask)
+                           for e, task in zip(experts, data.tasks)]
+  if 'test_inputs' in needed:
+    inputs['test_inputs'] = [np.asarray(task.test.x) for task in data.tasks]
+  if 'loss_fns' in needed:
+    inputs['task_losses'] = [proxy_loss_fn(apply_fn, [e], [h], mask)
+                             for e, h in zip(experts, data.heldout)]
+  return inputs
+
+
+def _static_results(config, data, apply_fn, base_params, experts, mask, evaluate,
+                    expert_acc) -> dict:
+  inputs = _merge_inputs(config, data, apply_fn, experts, mask)
   out = {}
   for name in tqdm.tqdm(config.static_methods, desc='static merges', leave=False):
     hp = dict(config.get(name) or {})
     started = time.time()
     merged = static_merge(name, base_params, experts, hparams=hp, exclude=config.exclude,
-                          key=jax.random.key(config.seed), fishers=fishers, proxy_loss=proxy)
-    per_task = [evaluate(swap_excluded(merged, e, mask), t) for t, e in enumerate(experts)]
+                          key=jax.random.key(config.seed), **inputs)
+    if callable(merged):   # a per-task merge: task t's own model
+      per_task = [evaluate(merged(t), t) for t in range(len(experts))]
+    else:
+      per_task = [evaluate(merged, t) for t in range(len(experts))]
     out[name] = dict(per_task=per_task, acc=float(np.mean(per_task)),
                      normalized_acc=_normalized(per_task, expert_acc), hparams=hp,
-                     wall_time_s=time.time() - started)
+                     kind=merging.get(name).kind, wall_time_s=time.time() - started)
     logging.info('%s: acc %.2f%%, normalized %.2f%%', name, 100 * out[name]['acc'],
                  100 * out[name]['normalized_acc'])
   return out
@@ -689,7 +796,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                              **dict(config.model_kwargs))
   abstract = jax.eval_shape(lambda k: models.init_params(module, k, dataset.x_train.shape[1:]),
                             jax.random.key(0))
-  _validate(config, abstract)
+  _validate(config, abstract, models.linen_apply_fn(module), tuple(dataset.x_train.shape[1:]),
+            int(dataset.num_classes))
   data = build_data(dataset, task_streams=[tuple(p) for p in config.task_streams],
                     stream_kwargs={k: dict(v) for k, v in config.stream_kwargs.items()},
                     num_pretrain=config.num_pretrain, max_train=config.max_train or None,

@@ -28,6 +28,29 @@ Hyperparameters of the merges (the papers' defaults where they give one; not tun
   * frank_wolfe: hard LMO on the task-vector cosine, 10 steps of 2/(t+2) (Chen et al., arXiv
     2503.12649, Alg. 1). Proxy loss: cross-entropy on ``num_heldout`` held-out LABELED training
     examples per task (never trained on), each task through its own head, averaged over tasks.
+  * multislerp: equal weights, normalized, on the task vectors (mergekit's defaults).
+    model_stock: one ratio per leaf (Jang et al., ECCV 2024, layer-wise). emr: no
+    hyperparameters (Huang et al., NeurIPS 2024); each task evaluated with its own mask and
+    rescaler. slerp and nuslerp interpolate two models, so they are not run on 8 experts.
+  * breadcrumbs: gamma = 0.01 of the largest magnitudes dropped (mergekit's default), density
+    0.15 kept, lambda 0.3 (as task arithmetic). Davari & Belilovsky (ECCV 2024) choose the
+    band on held-out data; these are set, not tuned.
+  * della: MagPrune with mean keep probability 0.5 (DARE's p = 0.5 here), epsilon 0.15
+    (mergekit's default), rescaled by 1 / p_i, elect and disjoint mean, lambda 1 (as TIES).
+  * tsv, iso_c, iso_cts: alpha = 1 (the authors' defaults; TSV keeps 1/T of each task's
+    singular triplets, Iso-CTS a common space of 0.8).
+  * consensus: Consensus task arithmetic, lambda_t = 0.6 (FusionBench's TALL-mask lambda), k = 2
+    (Wang et al., ICML 2024), alpha 0.3 (as task arithmetic).
+  * wudi: Adam, lr 1e-5, 300 steps per layer from the sum of the task vectors, added unscaled
+    (the authors' code).
+  * regmean: Grams of each expert's layer inputs on its ``num_heldout`` held-out examples,
+    off-diagonals scaled by alpha = 0.95 (FusionBench's CLIP setting).
+  * adamerging: layer-wise, lambda initialised to 0.3, Adam lr 1e-3, 500 steps (Yang et al.,
+    ICLR 2024), entropy of each task's predictions on its unlabelled test inputs, 16 inputs per
+    task per step.
+  * soft_frank_wolfe: 10 iterations, layer-wise AdaMerging of 500 steps per iteration (the
+    authors' fw_soft config), oracle gradients from each task's held-out cross-entropy, 16
+    unlabelled test inputs per task per AdaMerging step.
   * continual_task_arithmetic: lambda = 0.3 (as static). continual_ties: lambda = 0.5, density
     0.2, disjoint sum (FusionBench's continual TIES configuration). opcm: alpha = 0.5 (Tang et
     al., arXiv 2501.09522, FusionBench's default).
@@ -66,8 +89,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 256
   c.num_devices = 0  # 0 = all devices (data-parallel training and evaluation)
   # Merges.
+  # Static and per-task (emr) merges.
   c.static_methods = ('average', 'task_arithmetic', 'ties', 'dare_task_arithmetic', 'dare_ties',
-                      'fisher', 'magmax', 'frank_wolfe')
+                      'fisher', 'magmax', 'frank_wolfe', 'multislerp', 'model_stock',
+                      'breadcrumbs', 'della', 'tsv', 'iso_c', 'iso_cts', 'consensus', 'wudi',
+                      'emr', 'regmean', 'adamerging', 'soft_frank_wolfe')
   c.continual_methods = ('continual_average', 'continual_task_arithmetic', 'continual_ties',
                          'opcm')
   c.num_orders = 10
@@ -81,6 +107,19 @@ def get_config() -> ml_collections.ConfigDict:
   c.magmax = ml_collections.ConfigDict({'scaling': 0.5})
   c.frank_wolfe = ml_collections.ConfigDict(
       {'num_steps': 10, 'criterion': 'cosine', 'step_scale': 1.0})
+  c.breadcrumbs = ml_collections.ConfigDict({'density': 0.15, 'gamma': 0.01, 'scaling': 0.3})
+  c.della = ml_collections.ConfigDict({'density': 0.5, 'epsilon': 0.15, 'scaling': 1.0})
+  c.tsv = ml_collections.ConfigDict({'scaling': 1.0})
+  c.iso_c = ml_collections.ConfigDict({'scaling': 1.0})
+  c.iso_cts = ml_collections.ConfigDict({'scaling': 1.0, 'common_space_fraction': 0.8})
+  c.consensus = ml_collections.ConfigDict({'scaling': 0.3, 'lambdas': 0.6, 'k': 2})
+  c.wudi = ml_collections.ConfigDict({'num_steps': 300, 'learning_rate': 1e-5})
+  c.regmean = ml_collections.ConfigDict({'alpha': 0.95})
+  c.adamerging = ml_collections.ConfigDict(
+      {'granularity': 'layer', 'init': 0.3, 'num_steps': 500, 'learning_rate': 1e-3,
+       'batch_size': 16})
+  c.soft_frank_wolfe = ml_collections.ConfigDict(
+      {'num_iterations': 10, 'ada_steps': 500, 'learning_rate': 1e-3, 'batch_size': 16})
   c.continual_task_arithmetic = ml_collections.ConfigDict({'scaling': 0.3})
   c.continual_ties = ml_collections.ConfigDict(
       {'scaling': 0.5, 'density': 0.2, 'trim': 'global', 'reduce': 'sum'})
