@@ -7,6 +7,7 @@ import math
 import os
 
 import jax
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -153,6 +154,25 @@ def test_read_wordnet_synset_lines(tmp_path):
     text.read_wordnet([bad])
 
 
+def test_read_bible_splits_the_programs_output_into_chapters(tmp_path, monkeypatch):
+  # A stand-in for Debian's `bible` program, printing what it prints for two chapters.
+  fake = tmp_path / 'bible'
+  fake.write_text('#!/bin/sh\nprintf "\\nGenesis 1\\n\\n  1 In the beginning.\\n  2 And the '
+                  'earth.\\n\\n1 Kings 2\\n\\n  1 Now the days 3 drew nigh.\\n"\n')
+  fake.chmod(0o755)
+  data = _write(tmp_path / 'bible.data', 'compressed')
+  monkeypatch.setattr(text, 'BIBLE_PROGRAM', str(fake))
+  assert text.read_bible([data]) == ['Genesis 1\n\n  1 In the beginning.\n  2 And the earth.',
+                                     '1 Kings 2\n\n  1 Now the days 3 drew nigh.']
+  monkeypatch.setattr(text, 'BIBLE_PROGRAM', str(tmp_path / 'absent'))
+  with pytest.raises(FileNotFoundError, match=r'apt-get install -y bible-kjv'):
+    text.read_bible([data])
+  fake.write_text('#!/bin/sh\necho "Cannot open data file" >&2; exit 1\n')
+  monkeypatch.setattr(text, 'BIBLE_PROGRAM', str(fake))
+  with pytest.raises(ValueError, match=r'bible\.data: .*printed no text.*Cannot open data file'):
+    text.read_bible([data])
+
+
 def test_empty_and_missing_corpus_files_are_named(tmp_path):
   empty = _write(tmp_path / 'empty.txt', ' \n\n')
   good = _write(tmp_path / 'good.txt', 'a\n\nb\n')
@@ -235,6 +255,12 @@ def test_make_stream_names_the_text_stream(two_domains):
   stream = streams.make_stream('text_domains', None, num_tasks=1, seed=0, files=two_domains,
                                seq_len=8)
   assert [t.name for t in stream.tasks] == ['text-0:animals']
+  # As the runner calls it: the keyword arguments from a config's `stream_kwargs` block.
+  config = ml_collections.ConfigDict({'stream_kwargs': {'files': two_domains, 'seq_len': 8,
+                                                        'domains': ('numbers', 'animals')}})
+  stream = streams.make_stream('text_domains', None, num_tasks=2, seed=0,
+                               **dict(config.stream_kwargs))
+  assert [t.name for t in stream.tasks] == ['text-0:numbers', 'text-1:animals']
   with pytest.raises(ValueError, match=r'scenario'):
     streams.make_stream('text_domains', None, num_tasks=1, seed=0, scenario='class',
                         files=two_domains)
