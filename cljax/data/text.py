@@ -514,11 +514,13 @@ class Domain:
 
 STDLIB_DIR = sysconfig.get_paths()['stdlib']
 
-# The corpora that install from Debian (``apt-get install -y <package>``), and Python's own
+# The corpora that install from Debian (``apt-get install -y <package>``; the Bible's compressed
+# data file is decoded by the ``bible`` program of package ``bible-kjv``), and Python's own
 # standard library (its regression tests, full of deliberately odd sources, and installed
-# third-party packages left out).
+# third-party packages left out). A document is a Bible chapter, a dictionary entry, a WordNet
+# synset, a fortune or a module.
 DOMAINS: dict[str, Domain] = {
-    'bible': Domain(('/usr/lib/bible.data',), 'bible', 'bible-kjv-text'),  # read by bible-kjv
+    'bible': Domain(('/usr/lib/bible.data',), 'bible', 'bible-kjv-text'),
     'gcide': Domain(('/usr/share/dictd/gcide.dict.dz',), 'dictd', 'dict-gcide'),
     'wordnet': Domain(('/usr/share/wordnet/data.*',), 'wordnet', 'wordnet-base'),
     'jargon': Domain(('/usr/share/dictd/jargon.dict.dz',), 'dictd', 'dict-jargon'),
