@@ -31,6 +31,7 @@ import numpy as np
 import psutil
 from scipy import ndimage
 
+from cljax.data import text
 from cljax.data.sources import Dataset
 from cljax.core import Batch
 
@@ -69,7 +70,7 @@ class Stream(NamedTuple):
 
 
 _SCENARIOS = {'permuted': ('domain', 'task'), 'rotated': ('domain', 'task'),
-              'split': ('class', 'task')}
+              'split': ('class', 'task'), 'text_domains': ('domain',)}
 
 
 def _check_num_tasks(num_tasks: Any, maximum: Optional[int], kind: str) -> int:
@@ -383,5 +384,6 @@ REGISTRY: dict[str, Callable[..., Stream]] = {
     'permuted': _domain_stream(permuted),
     'rotated': _domain_stream(rotated),
     'split': split,
+    'text_domains': text.make_text_domains,
 }
 KINDS = tuple(REGISTRY)
