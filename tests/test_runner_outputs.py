@@ -99,3 +99,31 @@ def test_resume_with_another_model_names_the_keys_not_a_layout_mismatch(tiny_con
   tiny_config.model_kwargs.hidden = (50, 50)
   with pytest.raises(ValueError, match=r'keys differing: model_kwargs.hidden'):
     runner.run(tiny_config, str(workdir))
+
+
+def test_text_domains_through_the_runner(tiny_config, tmp_path):
+  """A config naming the text stream and a tiny Qwen3 runs end to end: token accuracy and NLL
+  matrices, no image dataset loaded."""
+  import ml_collections
+  files = {}
+  for name, word in (('animals', 'cat dog'), ('numbers', '1 2 3')):
+    path = tmp_path / f'{name}.txt'
+    path.write_text('\n\n'.join(f'{name} {i}: {word} {i * "x"}.' for i in range(8)) + '\n')
+    files[name] = [str(path)]
+  config = tiny_config
+  config.dataset = 'no-such-dataset'  # Not read by a text stream.
+  config.max_train = config.max_test = 0
+  config.stream, config.num_tasks, config.methods = 'text_domains', 2, ('finetune',)
+  config.stream_kwargs = ml_collections.ConfigDict({'files': files, 'seq_len': 8,
+                                                    'test_fraction': 0.25})
+  config.model = 'qwen3'
+  config.model_kwargs = ml_collections.ConfigDict(dict(
+      hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+      num_key_value_heads=1, head_dim=16))
+  config.optimizer, config.learning_rate, config.momentum = 'adam', 1e-2, 0.0
+  config.batch_size, config.eval_batch_size, config.epochs = 4, 8, 2
+  results = runner.run(config, str(tmp_path / 'run'))['finetune']
+  r, nll = np.asarray(results['accuracy_matrix']), np.asarray(results['nll_matrix'])
+  assert r.shape == nll.shape == (2, 2)
+  assert np.all((r >= 0) & (r <= 1)) and np.all(np.isfinite(nll))
+  assert nll[0, 0] < np.log(259)  # Learned something about task 0's bytes.

@@ -387,3 +387,5 @@ REGISTRY: dict[str, Callable[..., Stream]] = {
     'text_domains': text.make_text_domains,
 }
 KINDS = tuple(REGISTRY)
+# Stream kinds that read their own data (corpora), not the config's `dataset`.
+DATASET_FREE = ('text_domains',)

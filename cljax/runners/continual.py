@@ -55,6 +55,9 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
 
 def build_stream(config: ml_collections.ConfigDict) -> streams.Stream:
   """The task sequence named by the config's data keys."""
+  if config.stream in streams.DATASET_FREE:  # Text domains read their corpora themselves.
+    return streams.make_stream(config.stream, None, num_tasks=config.num_tasks, seed=config.seed,
+                               scenario=config.scenario or None, **dict(config.stream_kwargs))
   dataset = sources.load(config.dataset, data_dir=config.data_dir or None,
                          download=config.get('download', False))
   if config.max_train or config.max_test:
