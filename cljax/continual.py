@@ -185,6 +185,5 @@ def evaluate_stream(apply_fn: core.ApplyFn, params: Params, stream: Any, *, batc
   """Accuracy and NLL of ``params`` on every task's test data, (T,) each (e.g. at random init,
   the baseline of FWT)."""
   mesh = mesh or sharding.make_mesh()
-  return training.evaluate_tasks(training.make_eval_fn(apply_fn, mesh), params,
-                                 [task.test for task in _tasks(stream)], batch_size=batch_size,
-                                 mesh=mesh)
+  return training.Evaluator(apply_fn, [task.test for task in _tasks(stream)],
+                            batch_size=batch_size, mesh=mesh).evaluate_all(params)

@@ -330,14 +330,6 @@ def evaluate(eval_fn, params: Params, data: core.Batch, *, batch_size: int,
   return core.Evaluation(correct / weight, nll / weight)
 
 
-def evaluate_tasks(eval_fn, params: Params, tests: Sequence[core.Batch], *, batch_size: int,
-                   mesh: Mesh) -> core.Evaluation:
-  """`evaluate` on each task's test data: (T,) float64 accuracies and NLLs (one row each of the
-  accuracy and NLL matrices)."""
-  rows = [evaluate(eval_fn, params, t, batch_size=batch_size, mesh=mesh) for t in tests]
-  return core.Evaluation(np.asarray([r.accuracy for r in rows]), np.asarray([r.nll for r in rows]))
-
-
 class Evaluator:
   """`evaluate` on fixed test sets whose padded batches are placed on the mesh once.
 

@@ -237,9 +237,7 @@ def merge(name: str, base: Params, finetuned: Sequence[Params], *,
     ValueError: an unknown name or hyperparameter (``<name>.<key>``), a required input missing
       (naming it), or what the merge raises.
   """
-  entry = check_names(name, hparams, kind='static')
-  given = _given_inputs(name, entry, inputs)
-  return entry.fn(base, finetuned, exclude=exclude, **given, **dict(hparams or {}))
+  return _call(name, 'static', base, finetuned, hparams, exclude, inputs)
 
 
 def per_task_merge(name: str, base: Params, finetuned: Sequence[Params], *,
@@ -262,7 +260,12 @@ def per_task_merge(name: str, base: Params, finetuned: Sequence[Params], *,
     ValueError: an unknown name or hyperparameter (``<name>.<key>``), a required input missing
       (naming it), or what the merge raises.
   """
-  entry = check_names(name, hparams, kind='per_task')
+  return _call(name, 'per_task', base, finetuned, hparams, exclude, inputs)
+
+
+def _call(name, kind, base, finetuned, hparams, exclude, inputs):
+  """`merge` / `per_task_merge`: check the name and hyperparameters, pass the inputs it takes."""
+  entry = check_names(name, hparams, kind=kind)
   given = _given_inputs(name, entry, inputs)
   return entry.fn(base, finetuned, exclude=exclude, **given, **dict(hparams or {}))
 

@@ -279,9 +279,6 @@ def train_model(directory: str, trainer: Trainer, init: Params, data: core.Batch
 # --------------------------------------------------------------------------------------------
 
 
-Evaluator = training.Evaluator  # Test batches placed once, shared with the continual runner.
-
-
 # --------------------------------------------------------------------------------------------
 # Merges
 # --------------------------------------------------------------------------------------------
@@ -742,8 +739,8 @@ def _reference_results(config, data, apply_fn, mesh, evaluator, base_params, pro
   """The base on its pretraining test set, the zero-shot probes and the experts."""
   zero_shot = [evaluator.accuracy(p, t) for t, p in enumerate(probes)]
   expert_acc = [evaluator.accuracy(e, t) for t, e in enumerate(experts)]
-  pretrain_eval = Evaluator(apply_fn, [data.pretrain_test], batch_size=config.eval_batch_size,
-                            mesh=mesh)
+  pretrain_eval = training.Evaluator(apply_fn, [data.pretrain_test],
+                                     batch_size=config.eval_batch_size, mesh=mesh)
   return dict(
       base_pretrain_accuracy=pretrain_eval.accuracy(base_params, 0),
       zero_shot=dict(per_task=zero_shot, acc=float(np.mean(zero_shot)),
@@ -817,8 +814,8 @@ def _run(config, workdir, mesh, dataset, module, abstract, data) -> dict:
   started = time.time()
   apply_fn, base_params, probes, experts = _train_models(config, data, module, mesh, workdir, mask)
   train_time = time.time() - started
-  evaluator = Evaluator(apply_fn, [t.test for t in data.tasks], batch_size=config.eval_batch_size,
-                        mesh=mesh)
+  evaluator = training.Evaluator(apply_fn, [t.test for t in data.tasks],
+                                 batch_size=config.eval_batch_size, mesh=mesh)
   eval_with_head = jax.jit(lambda params, donor: swap_excluded(params, donor, mask))
 
   def evaluate(params, t):  # Task t with expert t's head swapped in.
