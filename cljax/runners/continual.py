@@ -33,6 +33,7 @@ from cljax import training
 from cljax import workdir as workdir_lib
 from cljax.data import sources
 from cljax.data import streams
+from cljax.runners import pretrain
 
 def config_dict(config: ml_collections.ConfigDict) -> dict:
   """The config as plain JSON types (tuples become lists), for saving and comparing."""
@@ -82,18 +83,39 @@ def method_from_config(config: ml_collections.ConfigDict, name: str, *, input_sh
   return methods_lib.get(name, blocks=blocks, input_shape=input_shape)
 
 
+def _abstract_params(config: ml_collections.ConfigDict, stream: streams.Stream) -> Any:
+  """The shapes of the starting params (``config.init_from``'s, or ``config.model``'s).
+
+  Raises:
+    ValueError: the model cannot be built with ``model_kwargs``, or ``init_from`` does not load.
+  """
+  if config.get('init_from'):
+    return jax.eval_shape(lambda: pretrain.load(config.init_from)[1])
+  module = models.make_model(config.model, num_outputs=stream.num_outputs,
+                             **dict(config.model_kwargs))
+  try:
+    return jax.eval_shape(
+        lambda key: models.init_params(module, key, stream.input_shape), jax.random.key(0))
+  except (ValueError, TypeError) as e:
+    raise ValueError(f'model {config.model!r} cannot be built with model_kwargs='
+                     f'{dict(config.model_kwargs)}: {e}') from None
+
+
 class _Run:
   """One method on the stream, in ``workdir``: fresh start or resume from the last stage."""
 
-  def __init__(self, config, stream, method_name, workdir, mesh, claim):
+  def __init__(self, config, stream, method_name, workdir, mesh, claim, start_folder=None):
     self.config, self.stream, self.name, self.workdir, self.mesh, self.claim = (
         config, stream, method_name, workdir, mesh, claim)
     self.method = method_from_config(config, method_name, input_shape=stream.input_shape)
+    self.optimizer = training.make_optimizer(config.optimizer, learning_rate=config.learning_rate,
+                                             momentum=config.momentum)
+    if start_folder:  # config.init_from or the run's pretraining stage.
+      self.apply_fn, self.params0 = pretrain.load(start_folder)
+      return
     module = models.make_model(config.model, num_outputs=stream.num_outputs,
                                **dict(config.model_kwargs))
     self.apply_fn = models.linen_apply_fn(module)
-    self.optimizer = training.make_optimizer(config.optimizer, learning_rate=config.learning_rate,
-                                             momentum=config.momentum)
     self.params0 = models.init_params(module, jax.random.key(config.seed), stream.input_shape)
 
   def run(self) -> dict:
@@ -198,6 +220,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
   if not config.methods:
     raise ValueError('config.methods is empty: name at least one method')
   _check_values(config)
+  pretrain.check(config)
   for name in config.methods:  # A misspelt method or key fails before any data loading.
     for member in methods_lib.members(name):
       methods_lib.check_names(member, config.get(member))
@@ -213,25 +236,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
                        f'examples of task {i} ({task.name}); lower batch_size or raise max_train')
   for name in config.methods:  # Values (and the stream's input shape): before any writing.
     method_from_config(config, name, input_shape=stream.input_shape)
-  module = models.make_model(config.model, num_outputs=stream.num_outputs,
-                             **dict(config.model_kwargs))
-  try:
-    abstract_params = jax.eval_shape(
-        lambda key: models.init_params(module, key, stream.input_shape), jax.random.key(0))
-  except (ValueError, TypeError) as e:
-    raise ValueError(f'model {config.model!r} cannot be built with model_kwargs='
-                     f'{dict(config.model_kwargs)}: {e}') from None
+  abstract_params = _abstract_params(config, stream)
   sharding.param_shardings(abstract_params, mesh, _rules(config))  # Bad rules fail here.
   for name in config.methods:  # Errors raised by init (a regex matching no layer, ...) too.
     jax.eval_shape(method_from_config(config, name, input_shape=stream.input_shape).init,
                    abstract_params)
   with workdir_lib.claim(workdir, config_dict(config),
                          primary=jax.process_index() == 0) as claim:
+    start_folder = pretrain.starting_folder(config, workdir, num_outputs=stream.num_outputs,
+                                            mesh=mesh)
     results = {}
     for name in config.methods:
       method_dir = os.path.join(workdir, name)
       os.makedirs(method_dir, exist_ok=True)
-      results[name] = _Run(config, stream, name, method_dir, mesh, claim).run()
+      results[name] = _Run(config, stream, name, method_dir, mesh, claim, start_folder).run()
       logging.info('%s: ACC %.2f%%  BWT %.2f  forgetting %.2f', name, 100 * results[name]['acc'],
                    100 * results[name]['bwt'], 100 * results[name]['forgetting'])
     if jax.process_index() == 0:

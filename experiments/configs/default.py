@@ -33,6 +33,14 @@ def get_config() -> ml_collections.ConfigDict:
   # Model: 'mlp' | 'cnn'; model_kwargs are the module's attributes.
   c.model = 'mlp'
   c.model_kwargs = ml_collections.ConfigDict({'hidden': (100, 100), 'use_bias': True})
+  # Starting point (`cljax.runners.pretrain`): '' = `model` from `seed`; else a local Hugging Face
+  # folder (`cljax.models.from_pretrained`; `model`/`model_kwargs` unused).
+  c.init_from = ''
+  # Or a pretraining stage on text domains before a text stream (written once to
+  # <workdir>/pretrained/ as a Hugging Face folder); batch_size 0 = `batch_size`.
+  c.pretrain = ml_collections.ConfigDict(dict(
+      domains=(), epochs=1, max_tokens=1 << 16, optimizer='adam', learning_rate=1e-3,
+      batch_size=0))
   # Optimisation (a fresh optimizer state at every task).
   c.optimizer = 'sgd'
   c.learning_rate = 0.05
